@@ -274,8 +274,8 @@ def masked(settings: Settings) -> dict[str, Any]:
     so nothing needs masking except values that look like inline credentials in extra_args."""
     data = settings.model_dump(mode="json")
     extra = list(data["launcher"]["extra_args"])
-    for index, arg in enumerate(extra):
-        if index > 0 and extra[index - 1] in {"--api-key", "--hf-token"}:
+    for index in range(1, len(extra)):
+        if extra[index - 1] in {"--api-key", "--hf-token"}:
             extra[index] = "***"
     data["launcher"]["extra_args"] = extra
     return data

@@ -1,0 +1,916 @@
+"""The forwarding core: client connection in, vLLM connection out, bytes through.
+
+Design (measured, see DESIGN.md "The hot path"): asyncio Protocols driven by httptools (llhttp)
+parser callbacks — no Task, Future, StreamReader or response object per request. The request
+head is rebuilt (hop-by-hop headers out, X-Forwarded-* and vLLM's key in); the request body is
+written to vLLM as it arrives. The response head is rebuilt once; the response body, chunked
+framing included, is written to the client exactly as read. Back-pressure runs both ways through
+pause_reading/resume_reading. The upstream connection stays pinned to the client connection
+between requests and goes back to the pool when the client leaves.
+
+Anything not worth forwarding (bad auth, a path off the allowlist, a body over the limit) is
+answered here with an OpenAI-shaped JSON error and never reaches vLLM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from typing import TYPE_CHECKING
+
+import httptools
+
+from proxy import errors
+from proxy.exchange import PHASE_REQUEST, PHASE_STREAMING, PHASE_WAITING, Exchange
+
+if TYPE_CHECKING:
+    from proxy.server import ProxyServer
+    from proxy.state import ProxyState
+    from proxy.upstream import UpstreamPool
+
+log = logging.getLogger(__name__)
+
+# Headers that describe one hop, never forwarded (RFC 9110 7.6.1), plus the ones we replace.
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
+    b"upgrade", b"proxy-authorization", b"proxy-authenticate",
+})
+# accept-encoding: vLLM never compresses today; dropping it keeps it that way (a compressed
+# event stream is a buffered event stream).
+REQUEST_DROP = HOP_BY_HOP | {
+    b"host", b"authorization", b"content-length", b"expect", b"accept-encoding",
+    b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-request-id",
+    b"forwarded", b"x-real-ip",
+}
+RESPONSE_DROP = (HOP_BY_HOP - {b"transfer-encoding"}) | {b"x-request-id", b"content-length"}
+
+MAX_ERROR_BODY = 256 * 1024          # upstream error bodies are buffered to normalise them
+PENDING_HIGH_WATER = 1024 * 1024     # request bytes held while connecting before we pause
+RETRY_COPY_LIMIT = 64 * 1024         # requests up to this size can be retried once
+
+CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+# What a connection is waiting for; the server's sweep applies the matching timeout.
+PHASE_IDLE = 0        # for a request (keep-alive idle; header_timeout before the first)
+PHASE_HEAD = 1        # for the rest of a request head (slowloris): header_timeout in all
+PHASE_BODY = 2        # for more request body: header_timeout of silence
+PHASE_UPSTREAM = 3    # for vLLM: read_timeout of silence
+
+
+class _Reject(Exception):
+    """Raised inside a parser callback to stop parsing and answer with a local error."""
+
+    def __init__(self, response: bytes) -> None:
+        self.response = response
+
+
+def _error(status: int, message: str, code: str, type_: str = "invalid_request_error",
+           extra: tuple[tuple[str, str], ...] = ()) -> bytes:
+    return errors.json_error(status, message, type_, code, extra_headers=extra, keep_alive=False)
+
+
+BAD_REQUEST = _error(400, "malformed HTTP request", "bad_request")
+HEADERS_TOO_LARGE = _error(431, "request headers too large (see [server] max_header_size and "
+                           "max_headers)", "request_header_fields_too_large")
+REQUEST_TIMEOUT = _error(408, "the request was not received in time (see [server] "
+                         "header_timeout)", "request_timeout")
+BEARER = (("WWW-Authenticate", "Bearer"),)
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection to vLLM. It parses responses only to find where each
+    ends (and to read the head); the bytes go to the owning client connection untouched."""
+
+    __slots__ = ("_parser", "closed", "idle_since", "owner", "transport", "used")
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.owner: ClientConnection | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self.idle_since = 0.0
+        self.closed = False
+        self.used = 0
+
+    # -- asyncio.Protocol --------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        owner = self.owner
+        if owner is None:  # vLLM spoke while idle: nothing to deliver it to, drop the socket
+            self.close()
+            return
+        owner.upstream_data(self, data)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        owner = self.owner
+        if owner is not None:
+            owner.upstream_lost(self, exc)
+
+    def pause_writing(self) -> None:
+        if self.owner is not None:
+            self.owner.pause_client_reading()
+
+    def resume_writing(self) -> None:
+        if self.owner is not None:
+            self.owner.resume_client_reading()
+
+    # -- httptools response callbacks: routed to the owning client connection ----------------
+    def on_header(self, name: bytes, value: bytes) -> None:
+        owner = self.owner
+        if owner is not None:
+            if owner._resp_headers is None:
+                owner._resp_headers = []
+            owner._resp_headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        if self.owner is not None:
+            self.owner.upstream_headers_complete(self)
+
+    def on_body(self, body: bytes) -> None:
+        owner = self.owner
+        if owner is not None and owner._resp_error_body is not None:
+            owner.upstream_body(body)
+
+    def on_message_complete(self) -> None:
+        if self.owner is not None:
+            self.owner._resp_done = True
+
+    def on_chunk_header(self) -> None:
+        if self.owner is not None:
+            self.owner._resp_in_chunk = True
+
+    def on_chunk_complete(self) -> None:
+        if self.owner is not None:
+            self.owner._resp_in_chunk = False
+
+    # -- helpers -------------------------------------------------------------------------------
+    def reusable(self, now: float, idle_timeout: float) -> bool:
+        return not self.closed and now - self.idle_since < idle_timeout
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def reset_parser(self) -> None:
+        self._parser = httptools.HttpResponseParser(self)
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client (TLS) connection and the exchange running on it."""
+
+    __slots__ = (
+        "_body_chunked",
+        "_body_left_to_retry",
+        "_body_sent",
+        "_connect_task",
+        "_continue",
+        "_discard",
+        "_ex",
+        "_header_bytes",
+        "_header_count",
+        "_headers",
+        "_keep_alive",
+        "_last_activity",
+        "_loop",
+        "_parser",
+        "_pending",
+        "_pending_size",
+        "_phase",
+        "_pool",
+        "_reading_blocks",
+        "_request_done",
+        "_resp_chunked",
+        "_resp_done",
+        "_resp_error_body",
+        "_resp_head_buf",
+        "_resp_headers",
+        "_resp_in_chunk",
+        "_resp_mode",
+        "_retry_copy",
+        "_served",
+        "_server",
+        "_state",
+        "_upstream_head",
+        "_url",
+        "_waiting_upstream",
+        "closing",
+        "peer",
+        "transport",
+        "upstream",
+    )
+
+    def __init__(self, server: ProxyServer) -> None:
+        self._server = server
+        self._loop = server.loop
+        self._pool: UpstreamPool = server.pool
+        self._state: ProxyState = server.state
+        self.transport: asyncio.Transport | None = None
+        self.upstream: UpstreamConnection | None = None
+        self.peer = "-"
+        self.closing = False
+        self._parser = httptools.HttpRequestParser(self)
+        self._last_activity = 0.0
+        self._served = 0
+        self._discard = False
+        self._reading_blocks = 0
+        self._connect_task: asyncio.Task[None] | None = None
+        self._reset_request()
+
+    def _reset_request(self) -> None:
+        self._ex: Exchange | None = None
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._header_bytes = 0
+        self._header_count = 0
+        self._keep_alive = True
+        self._continue = False
+        self._body_chunked = False
+        self._body_sent = 0
+        self._body_left_to_retry = 0
+        self._request_done = False
+        self._pending: list[bytes] | None = None
+        self._pending_size = 0
+        self._retry_copy: list[bytes] | None = None
+        self._upstream_head = b""
+        self._waiting_upstream = False
+        self._resp_head_buf = b""
+        self._resp_headers: list[tuple[bytes, bytes]] | None = None
+        self._resp_mode = 0          # 0 head pending, 1 raw pass-through, 2 buffer error body
+        self._resp_chunked = False
+        self._resp_in_chunk = False
+        self._resp_done = False
+        self._resp_error_body: list[bytes] | None = None
+        self._phase = PHASE_IDLE
+
+    # ======================================================================================
+    # client side: asyncio.Protocol
+    # ======================================================================================
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.peer = str(peer[0])
+        self._server.connections.add(self)
+        self._last_activity = self._loop.time()
+
+    def data_received(self, data: bytes) -> None:
+        self._last_activity = self._loop.time()
+        try:
+            self._parser.feed_data(data)
+        except _Reject as reject:
+            self._fail_local(reject.response)
+        except httptools.HttpParserCallbackError as error:
+            cause = error.__context__
+            self._fail_local(cause.response if isinstance(cause, _Reject) else BAD_REQUEST)
+        except httptools.HttpParserUpgrade:
+            self._fail_local(_error(400, "protocol upgrades are not supported", "bad_request"))
+        except httptools.HttpParserError:
+            self._fail_local(BAD_REQUEST)
+
+    def eof_received(self) -> bool:
+        return False  # a half-closed client is a gone client: close, and abort vLLM's work
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self._server.connections.discard(self)
+        if self._connect_task is not None:
+            self._connect_task.cancel()
+        ex = self._ex
+        upstream = self.upstream
+        self.upstream = None
+        if ex is not None and not self._resp_done:
+            # The client left mid-exchange: close vLLM's connection now so it aborts the
+            # generation and frees the GPU slot (it only notices a real TCP close).
+            if upstream is not None:
+                upstream.owner = None
+                upstream.close()
+                upstream = None
+            if not ex.aborted:
+                ex.aborted = (PHASE_STREAMING if self._resp_mode else
+                              PHASE_WAITING if self._request_done else PHASE_REQUEST)
+            if ex.status == 0:
+                ex.status = 499
+            self._finish_exchange()
+        if upstream is not None:
+            self._pool.give_back(upstream)
+
+    def pause_writing(self) -> None:
+        # The client reads slower than vLLM writes: stop reading vLLM until it catches up.
+        upstream = self.upstream
+        if upstream is not None and upstream.transport is not None:
+            upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        upstream = self.upstream
+        if upstream is not None and upstream.transport is not None:
+            upstream.transport.resume_reading()
+
+    def pause_client_reading(self) -> None:
+        self._reading_blocks += 1
+        if self._reading_blocks == 1 and self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_client_reading(self) -> None:
+        if self._reading_blocks == 0:
+            return
+        self._reading_blocks -= 1
+        if self._reading_blocks == 0 and self.transport is not None and not self.closing:
+            self.transport.resume_reading()
+
+    # ======================================================================================
+    # request parsing: httptools callbacks
+    # ======================================================================================
+    def on_message_begin(self) -> None:
+        if self._ex is not None:
+            # A pipelined request while one is in flight: answer the first, then close; the
+            # client retries the rest (RFC 9112 9.3.2). Kibana and OpenAI clients never pipeline.
+            self._keep_alive = False
+            self._discard = True
+            return
+        self._state = self._server.state
+        self._ex = Exchange(self._loop.time(), time.time(), self.peer)
+        self._phase = PHASE_HEAD
+        self._server.observer_started(self._ex)
+
+    def on_url(self, url: bytes) -> None:
+        if self._discard:
+            return
+        self._url += url
+        self._header_bytes += len(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._discard:
+            return
+        self._header_count += 1
+        self._header_bytes += len(name) + len(value) + 4
+        server_settings = self._state.settings.server
+        if (self._header_count > server_settings.max_headers
+                or self._header_bytes > server_settings.max_header_size):
+            raise _Reject(HEADERS_TOO_LARGE)
+        self._headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        if self._discard:
+            return
+        self._phase = PHASE_BODY
+        parser = self._parser
+        ex = self._ex
+        assert ex is not None
+        method = parser.get_method()
+        ex.method = method.decode("latin-1")
+        ex.version = parser.get_http_version()
+        self._keep_alive = parser.should_keep_alive()
+        url = self._url
+        path, _, query = url.partition(b"?")
+        ex.path = path.decode("latin-1")
+        state = self._state
+
+        authorization = b""
+        request_id = b""
+        content_length = -1
+        connection_tokens = b""
+        forwarded: list[tuple[bytes, bytes]] = []
+        for name, value in self._headers:
+            if name in REQUEST_DROP:
+                if name == b"authorization":
+                    authorization = value
+                elif name == b"x-request-id":
+                    request_id = value
+                elif name == b"content-length":
+                    content_length = int(value)  # llhttp has checked it is one decimal number
+                elif name == b"transfer-encoding":
+                    if value.strip().lower() != b"chunked":
+                        raise _Reject(_error(501, "only 'Transfer-Encoding: chunked' is "
+                                             "supported", "not_implemented"))
+                    self._body_chunked = True
+                elif name == b"expect":
+                    self._continue = value.strip().lower() == b"100-continue"
+                elif name == b"host":
+                    forwarded.append((b"x-forwarded-host", value))
+                elif name == b"connection":
+                    connection_tokens += b"," + value
+                continue
+            if name == b"user-agent":
+                ex.user_agent = value.decode("latin-1")
+            elif name == b"referer":
+                ex.referer = value.decode("latin-1")
+            forwarded.append((name, value))
+        if connection_tokens:
+            # headers named in Connection are hop-by-hop too
+            listed = {item.strip().lower() for item in connection_tokens.split(b",")}
+            forwarded = [(n, v) for n, v in forwarded if n not in listed]
+
+        if not _valid_request_id(request_id):
+            request_id = os.urandom(16).hex().encode()
+        ex.request_id = request_id.decode("latin-1")
+
+        # Local routes answered by the core itself, without a token.
+        if path == b"/healthz" and method == b"GET":
+            raise _Reject(self._server.healthz_response(request_id))
+
+        if query and _has_secret_param(query):
+            # A secret in the URL ends up in every log on the way; refuse and never log it.
+            self._server.observer_auth_failed("malformed")
+            raise _Reject(_error(
+                401, "credentials in the URL are refused: send 'Authorization: Bearer <token>'",
+                "invalid_api_key", extra=BEARER))
+
+        reject = self._server.throttle_check(self.peer)
+        if reject is not None:
+            raise _Reject(reject)
+        token_name = self._check_auth(authorization)
+        ex.token_name = token_name
+
+        route = state.routes.get((method, path))
+        if route is None:
+            if path == b"/metrics" and method == b"GET" and state.metrics_token is not None:
+                raise _Reject(self._server.metrics_on_tls(authorization))
+            raise _Reject(_error(
+                404, f"{ex.method} {_printable(path)} is not served here; airgate forwards only "
+                f"{', '.join(state.settings.upstream.allow)}", "not_found"))
+        ex.route = route
+        if content_length > state.max_body:
+            raise _Reject(_error(
+                413, f"request body of {content_length} bytes is over the limit of "
+                f"{state.max_body} bytes: raise [upstream] max_body", "request_too_large"))
+        self._server.limits_acquire(ex)
+        if not self._body_chunked and content_length <= RETRY_COPY_LIMIT:
+            self._retry_copy = []
+
+        head = [method, b" ", url, b" HTTP/1.1\r\n", state.upstream_fixed_headers]
+        for name, value in forwarded:
+            head += (name, b": ", value, b"\r\n")
+        head += (b"x-forwarded-for: ", self.peer.encode(), b"\r\nx-forwarded-proto: https\r\n",
+                 b"x-request-id: ", request_id, b"\r\n")
+        if self._body_chunked:
+            head.append(b"transfer-encoding: chunked\r\n")
+        elif content_length >= 0:
+            head += (b"content-length: ", str(content_length).encode(), b"\r\n")
+        head.append(b"\r\n")
+        self._upstream_head = b"".join(head)
+        self._headers = []
+        if self._continue and self.transport is not None:
+            self.transport.write(CONTINUE_100)
+        self._start_upstream()
+
+    def on_body(self, body: bytes) -> None:
+        ex = self._ex
+        if ex is None or self._discard:
+            return
+        ex.body_in += len(body)
+        if ex.body_in > self._state.max_body:
+            upstream = self.upstream
+            if upstream is not None:  # vLLM got part of a body it must never finish reading
+                upstream.owner = None
+                upstream.close()
+                self.upstream = None
+            raise _Reject(_error(
+                413, f"request body is over the limit of {self._state.max_body} bytes: raise "
+                "[upstream] max_body", "request_too_large"))
+        if self._body_chunked:
+            data = b"%x\r\n%b\r\n" % (len(body), body)
+        else:
+            data = body
+        self._send_upstream(data)
+
+    def on_message_complete(self) -> None:
+        if self._discard:
+            return
+        self._request_done = True
+        if self._body_chunked:
+            self._send_upstream(b"0\r\n\r\n")
+        # Keep reading the client: that is how a hang-up is noticed while vLLM works.
+        self._phase = PHASE_UPSTREAM
+
+    # ======================================================================================
+    # auth and local answers
+    # ======================================================================================
+    def _check_auth(self, authorization: bytes) -> str:
+        if not authorization:
+            reason = "missing"
+            message = "missing bearer token: send 'Authorization: Bearer <token>'"
+        else:
+            scheme, _, token = authorization.partition(b" ")
+            token = token.strip()
+            if scheme.lower() != b"bearer" or not token:
+                reason = "malformed"
+                message = "malformed Authorization header: expected 'Bearer <token>'"
+            else:
+                name = self._state.tokens.lookup(token)
+                if name is not None:
+                    return name
+                reason = "unknown"
+                message = "invalid bearer token: check the API key in the client (Kibana connector)"
+        self._server.observer_auth_failed(reason)
+        self._server.throttle_failure(self.peer)
+        raise _Reject(_error(401, message, "invalid_api_key", extra=BEARER))
+
+    def _fail_local(self, response: bytes) -> None:
+        """Answer from the proxy itself and close: the connection's framing can't be trusted
+        past a rejected request (its body may still be arriving)."""
+        ex = self._ex
+        if ex is not None and ex.status == 0 and response:
+            ex.status = int(response[9:12])
+        self._keep_alive = False
+        self._resp_done = True
+        transport = self.transport
+        if transport is not None and not self.closing:
+            if response and not self._resp_mode:
+                transport.write(response)
+            self.closing = True
+            transport.close()
+        if ex is not None and ex is self._ex and not self._resp_mode:
+            self._finish_exchange()
+
+    # ======================================================================================
+    # upstream: connect, send, receive
+    # ======================================================================================
+    def _start_upstream(self) -> None:
+        upstream = self.upstream
+        if upstream is not None and not upstream.reusable(self._loop.time(),
+                                                          self._pool.idle_timeout):
+            upstream.owner = None
+            upstream.close()
+            upstream = self.upstream = None
+        if upstream is None:
+            upstream = self._pool.take_idle()
+        if upstream is not None:
+            self._attach(upstream)
+            return
+        status = self._state.model_status
+        if status is not None:
+            model = status()
+            if model.state != "ready":
+                self._upstream_unavailable("refused", model.message, model.retry_after)
+                return
+        self._pending = []
+        self._waiting_upstream = True
+        self._connect_task = self._loop.create_task(self._connect())
+
+    async def _connect(self) -> None:
+        ex = self._ex
+        try:
+            upstream = await self._pool.connect(UpstreamConnection)
+        except asyncio.CancelledError:
+            return
+        except TimeoutError:
+            self._connect_task = None
+            self._upstream_unavailable("timeout", "vLLM did not accept a connection within "
+                                       "[upstream] connect_timeout", 5)
+            return
+        except OSError as error:
+            self._connect_task = None
+            self._upstream_unavailable("refused", _refused_reason(error), 5)
+            return
+        self._connect_task = None
+        if self.closing or ex is not self._ex:
+            self._pool.give_back(upstream)
+            return
+        self._attach(upstream)
+
+    def _attach(self, upstream: UpstreamConnection) -> None:
+        self.upstream = upstream
+        upstream.owner = self
+        upstream.used += 1
+        pending = self._pending
+        self._pending = None
+        self._waiting_upstream = False
+        data = self._upstream_head
+        if pending:
+            data += b"".join(pending)
+            if self._reading_blocks and self._pending_size > PENDING_HIGH_WATER:
+                self.resume_client_reading()
+            self._pending_size = 0
+        if self._retry_copy is not None and upstream.used > 1:
+            self._retry_copy.append(data)
+        else:
+            self._retry_copy = None
+        assert upstream.transport is not None
+        upstream.transport.write(data)
+
+    def _send_upstream(self, data: bytes) -> None:
+        if self._pending is not None:
+            self._pending.append(data)
+            self._pending_size += len(data)
+            crossed = self._pending_size - len(data) <= PENDING_HIGH_WATER < self._pending_size
+            if crossed:  # hold the client until vLLM's connection is there to take the bytes
+                self.pause_client_reading()
+            return
+        upstream = self.upstream
+        if upstream is None or upstream.transport is None:
+            return
+        if self._retry_copy is not None:
+            self._retry_copy.append(data)
+        upstream.transport.write(data)
+
+    def upstream_data(self, upstream: UpstreamConnection, data: bytes) -> None:
+        self._last_activity = self._loop.time()
+        mode = self._resp_mode
+        try:
+            if mode == 1:
+                # The hot path: feed the parser (to find the end), write the bytes as read.
+                upstream._parser.feed_data(data)
+                transport = self.transport
+                assert transport is not None
+                transport.write(data)
+                ex = self._ex
+                assert ex is not None
+                ex.body_out += len(data)
+            else:
+                if mode == 0:
+                    self._resp_head_buf += data
+                upstream._parser.feed_data(data)
+        except httptools.HttpParserError:
+            self._bad_upstream_response("vLLM sent a response airgate could not parse")
+            return
+        if self._resp_done:
+            self._upstream_complete(upstream)
+
+    def upstream_headers_complete(self, upstream: UpstreamConnection) -> None:
+        ex = self._ex
+        assert ex is not None and self.transport is not None
+        status = upstream._parser.get_status_code()
+        ex.status = status
+        ex.ttfb = self._loop.time() - ex.start
+        headers = self._resp_headers or []
+        self._resp_headers = None
+        is_stream = False
+        out = [b"HTTP/1.1 %d %b\r\n" % (status, errors.REASONS.get(status, "Unknown").encode())]
+        for name, value in headers:
+            if name in RESPONSE_DROP:
+                if name == b"transfer-encoding":
+                    self._resp_chunked = True
+                    out += (b"transfer-encoding: ", value, b"\r\n")
+                elif name == b"content-length":
+                    out += (b"content-length: ", value, b"\r\n")
+                continue
+            if name == b"content-type" and value.startswith(b"text/event-stream"):
+                is_stream = True
+            out += (name, b": ", value, b"\r\n")
+        out += (b"x-request-id: ", ex.request_id.encode(), b"\r\n")
+        if is_stream:
+            ex.streamed = True
+            out.append(b"cache-control: no-cache\r\nx-accel-buffering: no\r\n")
+        if not self._keep_alive:
+            out.append(b"connection: close\r\n")
+        out.append(b"\r\n")
+        if status >= 400:
+            self._resp_mode = 2
+            self._resp_error_body = []
+            self._resp_head_buf = b""
+            return
+        head_end = self._resp_head_buf.find(b"\r\n\r\n")
+        rest = self._resp_head_buf[head_end + 4:] if head_end >= 0 else b""
+        self._resp_head_buf = b""
+        self._resp_mode = 1
+        ex.body_out += len(rest)
+        self.transport.write(b"".join(out) + rest)
+
+    def upstream_body(self, body: bytes) -> None:
+        buffer = self._resp_error_body
+        if buffer is not None and sum(map(len, buffer)) < MAX_ERROR_BODY:
+            buffer.append(body)
+
+    def _upstream_complete(self, upstream: UpstreamConnection) -> None:
+        """vLLM's answer ended: send a buffered error body, then ready the connection."""
+        if self._resp_mode == 2:
+            ex = self._ex
+            assert ex is not None
+            body = b"".join(self._resp_error_body or ())
+            response = _normalise_error(ex.status, body, ex.request_id, self._keep_alive)
+            ex.body_out = len(response)
+            if ex.status == 401:
+                ex.upstream_error = "bad_response"
+            assert self.transport is not None
+            self.transport.write(response)
+        upstream.idle_since = self._loop.time()
+        if not self._keep_alive:
+            assert self.transport is not None
+            self.closing = True
+            self.transport.close()
+        self._finish_exchange()
+        if not upstream._parser.should_keep_alive():
+            upstream.owner = None
+            upstream.close()
+            self.upstream = None
+
+    def upstream_lost(self, upstream: UpstreamConnection, exc: Exception | None) -> None:
+        if upstream is not self.upstream:
+            return
+        self.upstream = None
+        if self._resp_done or self._ex is None:
+            return
+        ex = self._ex
+        if self._resp_mode == 0 and self._retry_copy is not None and self._request_done:
+            # A reused connection that vLLM closed before answering: the request never got
+            # anywhere, and we still hold all of it, so one retry on a new connection is safe.
+            data = b"".join(self._retry_copy)
+            self._retry_copy = None
+            self._pending = [data[len(self._upstream_head):]]
+            self._pending_size = 0
+            self._waiting_upstream = True
+            self._connect_task = self._loop.create_task(self._connect())
+            return
+        if self._resp_mode == 0:
+            ex.upstream_error = "reset"
+            self._fail_local(_error(
+                502, "vLLM closed the connection without answering (did the engine crash? "
+                "see the launcher's log)", "bad_gateway", type_="server_error"))
+            return
+        # Mid-stream: vLLM died. End the client's stream cleanly at a chunk boundary with an
+        # SSE error event (vLLM's own way of reporting errors after a 200), or cut it.
+        ex.upstream_error = "reset"
+        transport = self.transport
+        if (transport is not None and not self.closing and ex.streamed and self._resp_chunked
+                and not self._resp_in_chunk and self._resp_mode == 1):
+            event = (b'data: {"error":{"message":"the model server stopped in the middle of this '
+                     b'answer","type":"server_error","param":null,"code":502}}\n\n'
+                     b"data: [DONE]\n\n")
+            transport.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(event), event))
+        self._resp_done = True
+        self.closing = True
+        if transport is not None:
+            transport.close()
+        self._finish_exchange()
+
+    def _bad_upstream_response(self, message: str) -> None:
+        ex = self._ex
+        upstream = self.upstream
+        self.upstream = None
+        if upstream is not None:
+            upstream.owner = None
+            upstream.close()
+        if ex is None:
+            return
+        ex.upstream_error = "bad_response"
+        if self._resp_mode == 0:
+            self._fail_local(_error(502, message, "bad_gateway", type_="server_error"))
+        else:
+            self._resp_done = True
+            self.closing = True
+            if self.transport is not None:
+                self.transport.close()
+            self._finish_exchange()
+
+    def _upstream_unavailable(self, kind: str, reason: str, retry_after: int) -> None:
+        ex = self._ex
+        if ex is None or self.closing:
+            return
+        ex.upstream_error = kind
+        retry_after = max(1, min(30, retry_after))
+        if kind == "timeout":
+            response = _error(504, reason, "upstream_timeout", type_="server_error")
+        else:
+            response = _error(
+                503, f"the model server is not ready: {reason}; retry in {retry_after} s",
+                "model_not_ready", type_="server_error",
+                extra=(("Retry-After", str(retry_after)),))
+        self._fail_local(response)
+
+    # ======================================================================================
+    # timers and bookkeeping
+    # ======================================================================================
+    @property
+    def busy(self) -> bool:
+        """An exchange is running on this connection (what a drain waits for)."""
+        return self._phase != PHASE_IDLE and not self.closing
+
+    def check_timeouts(self, now: float) -> None:
+        """Called by the server's once-a-tick sweep: per-request work is only setting _phase,
+        never creating or cancelling timers."""
+        phase = self._phase
+        settings = self._state.settings
+        if phase == PHASE_HEAD:
+            ex = self._ex
+            if ex is not None and now - ex.start >= settings.server.header_timeout:
+                ex.status = 408
+                self._fail_local(REQUEST_TIMEOUT)
+            return
+        idle = now - self._last_activity
+        if phase == PHASE_IDLE:
+            limit = (settings.server.keepalive_timeout if self._served
+                     else settings.server.header_timeout)
+            if idle >= limit:
+                self._fail_local(b"")
+        elif phase == PHASE_BODY:
+            if idle >= settings.server.header_timeout:
+                self._fail_local(REQUEST_TIMEOUT)
+        elif phase == PHASE_UPSTREAM and idle >= settings.upstream.read_timeout:
+            self._upstream_read_timeout()
+
+    def _upstream_read_timeout(self) -> None:
+        ex = self._ex
+        assert ex is not None
+        ex.upstream_error = "timeout"
+        upstream = self.upstream
+        self.upstream = None
+        if upstream is not None:
+            upstream.owner = None
+            upstream.close()
+        if self._resp_mode == 0:
+            self._fail_local(_error(
+                504, f"vLLM sent nothing for {self._state.settings.upstream.read_timeout:g} s "
+                "([upstream] read_timeout)", "upstream_timeout", type_="server_error"))
+        else:
+            self._resp_done = True
+            self.closing = True
+            if self.transport is not None:
+                self.transport.close()
+            self._finish_exchange()
+
+    def _finish_exchange(self) -> None:
+        ex = self._ex
+        if ex is None:
+            return
+        ex.end = self._loop.time()
+        self._server.observer_finished(ex)
+        if self.closing:
+            self._ex = None
+            return
+        self._reset_request()
+        self._served += 1
+        self._last_activity = self._loop.time()
+
+
+def _valid_request_id(value: bytes) -> bool:
+    return 0 < len(value) <= 128 and all(33 <= byte < 127 for byte in value)
+
+
+SECRET_PARAMS = frozenset({b"token", b"access_token", b"api_key", b"apikey", b"key", b"bearer",
+                           b"auth", b"authorization", b"password"})
+
+
+def _has_secret_param(query: bytes) -> bool:
+    return any(part.partition(b"=")[0].lower() in SECRET_PARAMS for part in query.split(b"&"))
+
+
+def _printable(path: bytes) -> str:
+    text = path[:200].decode("latin-1")
+    return "".join(ch if ch.isprintable() else "?" for ch in text)
+
+
+def _refused_reason(error: OSError) -> str:
+    if isinstance(error, ConnectionRefusedError):
+        return "vLLM is not accepting connections yet (the model is loading or not started)"
+    return f"cannot reach vLLM ({error.strerror or error})"
+
+
+def _normalise_error(status: int, body: bytes, request_id: str, keep_alive: bool) -> bytes:
+    """vLLM's error bodies in the one shape Kibana reads: {"error": {"message", ...}}.
+
+    vLLM <= 0.10.0 sends {"object":"error","message":...}; newer ones nest it; an engine that
+    died sends an empty 500; vLLM's own 401 means airgate's upstream key is wrong — the client's
+    token was fine, so that must not reach the client as a 401.
+    """
+    message = ""
+    type_ = "server_error" if status >= 500 else "invalid_request_error"
+    code: str | int | None = status
+    param = None
+    try:
+        data = json.loads(body) if body else None
+    except ValueError:
+        data = None
+    if isinstance(data, dict):
+        inner = data.get("error")
+        if isinstance(inner, dict):
+            message = str(inner.get("message", ""))
+            type_ = str(inner.get("type", type_))
+            code = inner.get("code", code)
+            param = inner.get("param")
+        elif isinstance(inner, str):
+            message = inner
+        elif "message" in data:
+            message = str(data["message"])
+            type_ = str(data.get("type", type_))
+            code = data.get("code", code)
+            param = data.get("param")
+    if status == 401:
+        status = 502
+        type_ = "server_error"
+        code = "upstream_auth"
+        message = ("vLLM refused airgate's key: set [upstream] api_key_file to the same key "
+                   "vLLM was started with (VLLM_API_KEY / [launcher] api_key_file)")
+    elif not message:
+        if status >= 500:
+            message = (f"the model server failed with {status} and no details (the engine may "
+                       "have died; see the launcher's log)")
+        else:
+            message = body[:500].decode("utf-8", "replace") or f"vLLM answered {status}"
+    payload = json.dumps(
+        {"error": {"message": message, "type": type_, "param": param, "code": code}},
+        separators=(",", ":"),
+    ).encode()
+    return errors.response_bytes(status, payload, keep_alive=keep_alive,
+                                 extra_headers=(("X-Request-Id", request_id),))
