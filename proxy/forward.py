@@ -85,7 +85,7 @@ class UpstreamConnection(asyncio.Protocol):
     """One keep-alive HTTP/1.1 connection to vLLM. It parses responses only to find where each
     ends (and to read the head); the bytes go to the owning client connection untouched."""
 
-    __slots__ = ("_parser", "closed", "idle_since", "owner", "transport", "used")
+    __slots__ = ("_parser", "closed", "idle_since", "keep_alive", "owner", "transport", "used")
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -93,6 +93,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self.idle_since = 0.0
         self.closed = False
+        self.keep_alive = True
         self.used = 0
 
     # -- asyncio.Protocol --------------------------------------------------------------------
@@ -641,7 +642,10 @@ class ClientConnection(asyncio.Protocol):
     def upstream_headers_complete(self, upstream: UpstreamConnection) -> None:
         ex = self._ex
         assert ex is not None and self.transport is not None
-        status = upstream._parser.get_status_code()
+        parser = upstream._parser
+        status = parser.get_status_code()
+        # Read now: llhttp forgets the message's keep-alive state once the message completes.
+        upstream.keep_alive = parser.should_keep_alive()
         ex.status = status
         ex.ttfb = self._loop.time() - ex.start
         headers = self._resp_headers or []
@@ -701,7 +705,7 @@ class ClientConnection(asyncio.Protocol):
             self.closing = True
             self.transport.close()
         self._finish_exchange()
-        if not upstream._parser.should_keep_alive():
+        if not upstream.keep_alive:
             upstream.owner = None
             upstream.close()
             self.upstream = None

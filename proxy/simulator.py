@@ -53,6 +53,7 @@ class SimulatorConfig:
     default_tokens: int = 16
     fail: str = ""
     load_seconds: float = 0.0
+    keepalive_timeout: float = 5.0         # vLLM's VLLM_HTTP_TIMEOUT_KEEP_ALIVE; tests shorten it
 
 
 @dataclass
@@ -78,6 +79,7 @@ class SimulatorStats:
         self.aborted = 0  # generations cut short because the client went away
         self.running = 0
         self.open_connections = 0
+        self.connections_total = 0  # TCP connections ever accepted (keep-alive reuse shows here)
         self.finished = {"stop": 0, "length": 0, "abort": 0}
         self.ttft_buckets = [0] * len(_TTFT_BUCKETS)
         self.ttft_sum = 0.0
@@ -111,6 +113,8 @@ class SimulatorStats:
 
     def _connection(self, delta: int) -> None:
         self.open_connections += delta
+        if delta > 0:
+            self.connections_total += delta
         self.notify()
 
     def _started(self, prompt_tokens: int, ttft: float | None) -> None:
@@ -579,7 +583,7 @@ async def start_simulator(config: SimulatorConfig = SimulatorConfig(), host: str
                           port: int = 0, *, reuse_port: bool = False) -> RunningSimulator:
     """Listen like vLLM/uvicorn: backlog 2048, idle keep-alive closed after 5 s."""
     app = build_app(config)
-    runner = web.AppRunner(app, keepalive_timeout=5.0, handler_cancellation=True,
+    runner = web.AppRunner(app, keepalive_timeout=config.keepalive_timeout, handler_cancellation=True,
                            access_log=None, shutdown_timeout=0.1)
     await runner.setup()
     handlers, stats = runner.server, app[STATS]
