@@ -58,7 +58,7 @@ def _check_hostport(value: str) -> str:
 class ListenSettings(Section):
     https: str = "0.0.0.0:443"
     http: str = "0.0.0.0:80"
-    server_name: str = "localhost"
+    server_name: str = "llm.example.com"
     cert: str = "/etc/letsencrypt/live/llm.example.com/fullchain.pem"
     key: str = "/etc/letsencrypt/live/llm.example.com/privkey.pem"
     client_ca: str = ""
