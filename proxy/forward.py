@@ -25,6 +25,14 @@ import httptools
 
 from proxy import errors
 from proxy.exchange import PHASE_REQUEST, PHASE_STREAMING, PHASE_WAITING, Exchange
+from proxy.rewrite import (
+    REWRITE_LIMIT,
+    USAGE_ROUTES,
+    cut_usage_event,
+    models_with_alias,
+    read_usage,
+    rewrite_request,
+)
 
 if TYPE_CHECKING:
     from proxy.server import ProxyServer
@@ -45,7 +53,9 @@ REQUEST_DROP = HOP_BY_HOP | {
     b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-request-id",
     b"forwarded", b"x-real-ip",
 }
-RESPONSE_DROP = (HOP_BY_HOP - {b"transfer-encoding"}) | {b"x-request-id", b"content-length"}
+# Framing headers are in this set only to be looked at; they are written back unchanged because
+# the body is passed through with its framing.
+RESPONSE_DROP = HOP_BY_HOP | {b"x-request-id", b"content-length"}
 
 MAX_ERROR_BODY = 256 * 1024          # upstream error bodies are buffered to normalise them
 PENDING_HIGH_WATER = 1024 * 1024     # request bytes held while connecting before we pause
@@ -138,9 +148,14 @@ class UpstreamConnection(asyncio.Protocol):
             self.owner.upstream_headers_complete(self)
 
     def on_body(self, body: bytes) -> None:
+        # Only answers that are buffered (errors, /v1/models with an alias) or re-framed
+        # (streams with airgate's usage chunk to cut) collect the decoded body; the rest pass
+        # through as raw bytes in ClientConnection.upstream_data.
         owner = self.owner
-        if owner is not None and owner._resp_error_body is not None:
-            owner.upstream_body(body)
+        if owner is not None:
+            sink = owner._resp_sink
+            if sink is not None:
+                sink.append(body)
 
     def on_message_complete(self) -> None:
         if self.owner is not None:
@@ -172,10 +187,9 @@ class ClientConnection(asyncio.Protocol):
 
     __slots__ = (
         "_body_chunked",
-        "_body_left_to_retry",
-        "_body_sent",
         "_connect_task",
         "_continue",
+        "_count_usage",
         "_discard",
         "_ex",
         "_header_bytes",
@@ -183,6 +197,7 @@ class ClientConnection(asyncio.Protocol):
         "_headers",
         "_keep_alive",
         "_last_activity",
+        "_last_chunk_at",
         "_loop",
         "_parser",
         "_pending",
@@ -191,17 +206,25 @@ class ClientConnection(asyncio.Protocol):
         "_pool",
         "_reading_blocks",
         "_request_done",
+        "_request_model",
+        "_resp_buffered",
         "_resp_chunked",
         "_resp_done",
-        "_resp_error_body",
         "_resp_head_buf",
         "_resp_headers",
         "_resp_in_chunk",
         "_resp_mode",
+        "_resp_sink",
         "_retry_copy",
+        "_rewrite_body",
         "_served",
         "_server",
+        "_sse_pending",
         "_state",
+        "_strip_usage",
+        "_tail",
+        "_tail_prev",
+        "_transform_models",
         "_upstream_head",
         "_url",
         "_waiting_upstream",
@@ -237,8 +260,6 @@ class ClientConnection(asyncio.Protocol):
         self._keep_alive = True
         self._continue = False
         self._body_chunked = False
-        self._body_sent = 0
-        self._body_left_to_retry = 0
         self._request_done = False
         self._pending: list[bytes] | None = None
         self._pending_size = 0
@@ -247,12 +268,24 @@ class ClientConnection(asyncio.Protocol):
         self._waiting_upstream = False
         self._resp_head_buf = b""
         self._resp_headers: list[tuple[bytes, bytes]] | None = None
-        self._resp_mode = 0          # 0 head pending, 1 raw pass-through, 2 buffer error body
+        # 0 head pending, 1 raw pass-through, 2 buffered (errors, /v1/models with an alias),
+        # 3 event stream re-framed to cut the usage chunk airgate asked for
+        self._resp_mode = 0
         self._resp_chunked = False
         self._resp_in_chunk = False
         self._resp_done = False
-        self._resp_error_body: list[bytes] | None = None
+        self._resp_sink: list[bytes] | None = None   # decoded body pieces, modes 2 and 3
+        self._resp_buffered = 0
         self._phase = PHASE_IDLE
+        self._rewrite_body: list[bytes] | None = None  # request body held for rewrite_request
+        self._strip_usage = False      # airgate added include_usage: cut the usage chunk
+        self._count_usage = False
+        self._transform_models = False
+        self._request_model = ""
+        self._sse_pending = b""
+        self._tail = b""               # the last two reads of the answer, for read_usage
+        self._tail_prev = b""
+        self._last_chunk_at = 0.0
 
     # ======================================================================================
     # client side: asyncio.Protocol
@@ -449,6 +482,12 @@ class ClientConnection(asyncio.Protocol):
         self._server.limits_acquire(ex)
         if not self._body_chunked and content_length <= RETRY_COPY_LIMIT:
             self._retry_copy = []
+        usage_route = route in USAGE_ROUTES
+        self._count_usage = state.count_usage and (usage_route or route == "/v1/embeddings")
+        self._transform_models = bool(state.model_alias) and route == "/v1/models"
+        # Bodies that may need rewriting are held whole (bounded) and sent with a new length.
+        rewrite = ((state.count_usage or bool(state.model_alias)) and usage_route
+                   and not self._body_chunked and 0 < content_length <= REWRITE_LIMIT)
 
         head = [method, b" ", url, b" HTTP/1.1\r\n", state.upstream_fixed_headers]
         for name, value in forwarded:
@@ -457,14 +496,18 @@ class ClientConnection(asyncio.Protocol):
                  b"x-request-id: ", request_id, b"\r\n")
         if self._body_chunked:
             head.append(b"transfer-encoding: chunked\r\n")
-        elif content_length >= 0:
+        elif content_length >= 0 and not rewrite:
             head += (b"content-length: ", str(content_length).encode(), b"\r\n")
-        head.append(b"\r\n")
+        if not rewrite:
+            head.append(b"\r\n")
         self._upstream_head = b"".join(head)
         self._headers = []
         if self._continue and self.transport is not None:
             self.transport.write(CONTINUE_100)
-        self._start_upstream()
+        if rewrite:
+            self._rewrite_body = []  # sent from on_message_complete
+        else:
+            self._start_upstream()
 
     def on_body(self, body: bytes) -> None:
         ex = self._ex
@@ -480,6 +523,9 @@ class ClientConnection(asyncio.Protocol):
             raise _Reject(_error(
                 413, f"request body is over the limit of {self._state.max_body} bytes: raise "
                 "[upstream] max_body", "request_too_large"))
+        if self._rewrite_body is not None:
+            self._rewrite_body.append(body)
+            return
         if self._body_chunked:
             data = b"%x\r\n%b\r\n" % (len(body), body)
         else:
@@ -494,6 +540,17 @@ class ClientConnection(asyncio.Protocol):
             self._send_upstream(b"0\r\n\r\n")
         # Keep reading the client: that is how a hang-up is noticed while vLLM works.
         self._phase = PHASE_UPSTREAM
+        held = self._rewrite_body
+        if held is not None:
+            self._rewrite_body = None
+            state = self._state
+            body, self._strip_usage, self._request_model = rewrite_request(
+                b"".join(held), want_usage=state.count_usage, alias=state.model_alias,
+                served=self._server.served_model())
+            self._upstream_head += b"content-length: %d\r\n\r\n" % len(body)
+            if self._retry_copy is not None and len(body) > RETRY_COPY_LIMIT:
+                self._retry_copy = None
+            self._start_upstream(body)
 
     # ======================================================================================
     # auth and local answers
@@ -538,7 +595,7 @@ class ClientConnection(asyncio.Protocol):
     # ======================================================================================
     # upstream: connect, send, receive
     # ======================================================================================
-    def _start_upstream(self) -> None:
+    def _start_upstream(self, body: bytes = b"") -> None:
         upstream = self.upstream
         if upstream is not None and not upstream.reusable(self._loop.time(),
                                                           self._pool.idle_timeout):
@@ -548,6 +605,7 @@ class ClientConnection(asyncio.Protocol):
         if upstream is None:
             upstream = self._pool.take_idle()
         if upstream is not None:
+            self._pending = [body] if body else None
             self._attach(upstream)
             return
         status = self._state.model_status
@@ -556,7 +614,7 @@ class ClientConnection(asyncio.Protocol):
             if model.state != "ready":
                 self._upstream_unavailable("refused", model.message, model.retry_after)
                 return
-        self._pending = []
+        self._pending = [body] if body else []
         self._waiting_upstream = True
         self._connect_task = self._loop.create_task(self._connect())
 
@@ -629,10 +687,20 @@ class ClientConnection(asyncio.Protocol):
                 ex = self._ex
                 assert ex is not None
                 ex.body_out += len(data)
+                self._tail_prev = self._tail
+                self._tail = data
+                if ex.streamed:
+                    self._stream_tick(ex)
             else:
                 if mode == 0:
                     self._resp_head_buf += data
+                elif mode == 2:
+                    self._resp_buffered += len(data)
+                    if self._resp_buffered > MAX_ERROR_BODY:
+                        self._resp_sink = None  # keep the start of an oversized error body
                 upstream._parser.feed_data(data)
+                if self._resp_mode == 3:
+                    self._flush_events()
         except httptools.HttpParserError:
             self._bad_upstream_response("vLLM sent a response airgate could not parse")
             return
@@ -670,10 +738,17 @@ class ClientConnection(asyncio.Protocol):
         if not self._keep_alive:
             out.append(b"connection: close\r\n")
         out.append(b"\r\n")
-        if status >= 400:
+        if status >= 400 or self._transform_models:
             self._resp_mode = 2
-            self._resp_error_body = []
+            self._resp_sink = []
             self._resp_head_buf = b""
+            return
+        if self._strip_usage and is_stream and self._resp_chunked:
+            # The body after the head arrives through on_body into the sink (same feed).
+            self._resp_mode = 3
+            self._resp_sink = []
+            self._resp_head_buf = b""
+            self.transport.write(b"".join(out))
             return
         head_end = self._resp_head_buf.find(b"\r\n\r\n")
         rest = self._resp_head_buf[head_end + 4:] if head_end >= 0 else b""
@@ -681,24 +756,66 @@ class ClientConnection(asyncio.Protocol):
         self._resp_mode = 1
         ex.body_out += len(rest)
         self.transport.write(b"".join(out) + rest)
+        if rest:
+            self._tail = rest
+            if is_stream:
+                self._stream_tick(ex)
 
-    def upstream_body(self, body: bytes) -> None:
-        buffer = self._resp_error_body
-        if buffer is not None and sum(map(len, buffer)) < MAX_ERROR_BODY:
-            buffer.append(body)
+    def _stream_tick(self, ex: Exchange) -> None:
+        """Time to first token and the gaps between tokens (vLLM writes one event per token)."""
+        now = self._last_activity
+        if ex.ttft is None:
+            ex.ttft = now - ex.start
+            ex.token_gaps = []
+        elif ex.token_gaps is not None:
+            ex.token_gaps.append(now - self._last_chunk_at)
+        self._last_chunk_at = now
+
+    def _flush_events(self) -> None:
+        """Mode 3: write whole SSE events as our own chunks, minus the usage-only event."""
+        sink = self._resp_sink
+        ex = self._ex
+        if not sink or ex is None or self.transport is None:
+            return
+        data = self._sse_pending + b"".join(sink)
+        sink.clear()
+        end = data.rfind(b"\n\n")
+        if end < 0:
+            self._sse_pending = data
+            return
+        events, self._sse_pending = data[:end + 2], data[end + 2:]
+        events = cut_usage_event(events, ex)
+        self._stream_tick(ex)
+        if events:
+            chunk = b"%x\r\n%b\r\n" % (len(events), events)
+            ex.body_out += len(chunk)
+            self.transport.write(chunk)
 
     def _upstream_complete(self, upstream: UpstreamConnection) -> None:
         """vLLM's answer ended: send a buffered error body, then ready the connection."""
-        if self._resp_mode == 2:
-            ex = self._ex
-            assert ex is not None
-            body = b"".join(self._resp_error_body or ())
-            response = _normalise_error(ex.status, body, ex.request_id, self._keep_alive)
+        ex = self._ex
+        assert ex is not None and self.transport is not None
+        mode = self._resp_mode
+        if mode == 1:
+            if self._count_usage:
+                read_usage(self._tail_prev + self._tail, ex)
+        elif mode == 3:
+            self._flush_events()
+            self.transport.write(b"0\r\n\r\n")
+        elif mode == 2:
+            body = b"".join(self._resp_sink or ())
+            if ex.status >= 400:
+                response = _normalise_error(ex.status, body, ex.request_id, self._keep_alive)
+                if ex.status == 401:
+                    ex.upstream_error = "bad_response"
+            else:
+                response = errors.response_bytes(
+                    ex.status, models_with_alias(body, self._state.model_alias),
+                    keep_alive=self._keep_alive, extra_headers=(("X-Request-Id", ex.request_id),))
             ex.body_out = len(response)
-            if ex.status == 401:
-                ex.upstream_error = "bad_response"
-            assert self.transport is not None
             self.transport.write(response)
+        if self._count_usage and not ex.model:
+            ex.model = self._request_model or self._server.served_model()
         upstream.idle_since = self._loop.time()
         if not self._keep_alive:
             assert self.transport is not None
@@ -738,7 +855,7 @@ class ClientConnection(asyncio.Protocol):
         ex.upstream_error = "reset"
         transport = self.transport
         if (transport is not None and not self.closing and ex.streamed and self._resp_chunked
-                and not self._resp_in_chunk and self._resp_mode == 1):
+                and (self._resp_mode == 3 or not self._resp_in_chunk)):
             event = (b'data: {"error":{"message":"the model server stopped in the middle of this '
                      b'answer","type":"server_error","param":null,"code":502}}\n\n'
                      b"data: [DONE]\n\n")

@@ -27,7 +27,7 @@ from proxy.auth import FailureThrottle, TokenLimits
 from proxy.exchange import Exchange, ExchangeObserver, NullObserver
 from proxy.forward import PHASE_IDLE, ClientConnection
 from proxy.settings import ConfigError, Settings, load_settings, parse_hostport
-from proxy.state import ModelStatus, ProxyState
+from proxy.state import ModelStatus, ProxyState, read_secret
 from proxy.tls import TLSConfigError, build_server_context
 from proxy.tokens import TokenFileError
 from proxy.upstream import HealthChecker, UpstreamPool
@@ -60,7 +60,7 @@ class ProxyServer:
         self.state = ProxyState.build(settings, observer=self.observer, model_status=model_status)
         self.tls_context = build_server_context(settings.listen)
         self.pool = UpstreamPool(settings.upstream, self.loop)
-        self.health = HealthChecker(settings.upstream)
+        self.health = HealthChecker(settings.upstream, _upstream_authorization(settings))
         self.throttle = FailureThrottle(settings.auth)
         self.limits = TokenLimits(settings.auth)
         self.connections: set[ClientConnection] = set()
@@ -230,6 +230,12 @@ class ProxyServer:
             raise _Reject(refusal)
         exchange.holds_limit = True
 
+    def served_model(self) -> str:
+        if self.health.served_model:
+            return self.health.served_model
+        launcher = self.settings.launcher
+        return launcher.served_model_name or (launcher.model if self.model_status else "")
+
     def readiness(self) -> tuple[bool, str]:
         if self.model_status is not None:
             status = self.model_status()
@@ -272,6 +278,12 @@ class ProxyServer:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", redirect)
         return app
+
+
+def _upstream_authorization(settings: Settings) -> str:
+    if not settings.upstream.api_key_file:
+        return ""
+    return f"Bearer {read_secret(settings.upstream.api_key_file)}"
 
 
 def bind_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:

@@ -41,6 +41,8 @@ class ProxyState:
     # Headers added to every upstream request: Host, and vLLM's own key when configured.
     upstream_fixed_headers: bytes
     max_body: int
+    count_usage: bool = True
+    model_alias: str = ""
     observer: ExchangeObserver = field(default_factory=NullObserver)
     model_status: Callable[[], ModelStatus] | None = None
     metrics_token: TokenStore | None = None
@@ -73,6 +75,8 @@ class ProxyState:
             routes=routes,
             upstream_fixed_headers=fixed,
             max_body=int(settings.upstream.max_body),
+            count_usage=settings.metrics.usage,
+            model_alias=settings.upstream.model_alias,
             observer=observer or NullObserver(),
             model_status=model_status,
             metrics_token=metrics_token,

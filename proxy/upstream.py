@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+HEALTH_USER_AGENT = "airgate-health"  # tells vLLM's logs (and the tests) who is asking
+
 
 class UpstreamPool:
     __slots__ = ("_connecting", "_host", "_idle", "_loop", "_port", "connect_timeout",
@@ -86,8 +88,13 @@ class HealthChecker:
     """Polls vLLM's /health. vLLM has no HTTP server at all while it loads, so "connection
     refused" means "loading" (or not started), not "broken"."""
 
-    def __init__(self, settings: UpstreamSettings) -> None:
+    def __init__(self, settings: UpstreamSettings, authorization: str = "") -> None:
         self._url = settings.url + "/health"
+        self._models_url = settings.url + "/v1/models"
+        self._headers = {"Authorization": authorization} if authorization else {}
+        # The model vLLM serves (first of /v1/models), learnt once it is ready: the target of
+        # [upstream] model_alias and the model label of usage metrics.
+        self.served_model = ""
         self._interval = settings.health_interval
         self._timeout = aiohttp.ClientTimeout(total=settings.connect_timeout)
         self.readiness = Readiness(False, "not checked yet", 0.0)
@@ -106,15 +113,28 @@ class HealthChecker:
                                "not started)", time.time())
         except (TimeoutError, aiohttp.ClientError) as error:
             result = Readiness(False, f"vLLM /health failed: {type(error).__name__}", time.time())
+        if result.ready and not self.readiness.ready:
+            await self._learn_model(session)
         if result.ready != self.readiness.ready:
             log.info("upstream %s", "ready" if result.ready else f"not ready: {result.reason}")
         self.readiness = result
         return result
 
+    async def _learn_model(self, session: aiohttp.ClientSession) -> None:
+        try:
+            async with session.get(self._models_url, headers=self._headers,
+                                   timeout=self._timeout) as response:
+                listing = await response.json()
+            self.served_model = str(listing["data"][0]["id"])
+        except (TimeoutError, aiohttp.ClientError, ValueError, KeyError, IndexError,
+                TypeError) as error:
+            log.warning("could not read the served model from vLLM's /v1/models: %r", error)
+
     async def run(self) -> None:
         # force_close: a health check must not hold one of vLLM's connections between polls
         connector = aiohttp.TCPConnector(force_close=True)
-        async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
+        async with aiohttp.ClientSession(connector=connector, auto_decompress=False,
+                                         headers={"User-Agent": HEALTH_USER_AGENT}) as session:
             while True:
                 await self.check_once(session)
                 await asyncio.sleep(self._interval)

@@ -13,10 +13,12 @@ import aiohttp
 import pytest
 import trustme
 
+from proxy.exchange import Exchange, ExchangeObserver
 from proxy.server import ProxyServer
 from proxy.settings import Settings, load_settings
 from proxy.simulator import RecordedRequest, RunningSimulator, SimulatorConfig, start_simulator
 from proxy.tokens import append_token
+from proxy.upstream import HEALTH_USER_AGENT
 
 
 @dataclass
@@ -114,9 +116,10 @@ StartProxy = Callable[..., Awaitable[ProxyServer]]
 async def start_proxy(make_settings: MakeSettings) -> AsyncIterator[StartProxy]:
     started: list[ProxyServer] = []
 
-    async def start(upstream_url: str = "http://127.0.0.1:9",
+    async def start(upstream_url: str = "http://127.0.0.1:9", *,
+                    observer: ExchangeObserver | None = None,
                     **sections: dict[str, Any]) -> ProxyServer:
-        server = ProxyServer(make_settings(upstream_url, **sections))
+        server = ProxyServer(make_settings(upstream_url, **sections), observer=observer)
         await server.start()
         started.append(server)
         return server
@@ -169,10 +172,31 @@ def sse_events(raw: bytes) -> list[str]:
 
 
 def reached_vllm(sim: RunningSimulator) -> list[str]:
-    """Paths of requests that reached the stand-in vLLM, ignoring the proxy's health checks."""
-    return [f"{r.method} {r.path}" for r in sim.stats.requests if r.path != "/health"]
+    """Requests that reached the stand-in vLLM, ignoring the proxy's own health checks."""
+    return [f"{r.method} {r.path}" for r in sim.stats.requests if not _from_health_checker(r)]
+
+
+def _from_health_checker(request: RecordedRequest) -> bool:
+    return request.headers.get("user-agent") == HEALTH_USER_AGENT
 
 
 def last_request(sim: RunningSimulator) -> RecordedRequest:
     """The newest request that reached the stand-in vLLM, other than a health check."""
-    return next(r for r in reversed(sim.stats.requests) if r.path != "/health")
+    return next(r for r in reversed(sim.stats.requests) if not _from_health_checker(r))
+
+
+class Recorder:
+    """An ExchangeObserver that keeps what the core reported, for assertions."""
+
+    def __init__(self) -> None:
+        self.finished: list[Exchange] = []
+        self.auth_failures: list[str] = []
+
+    def exchange_started(self, exchange: Exchange) -> None:
+        pass
+
+    def exchange_finished(self, exchange: Exchange) -> None:
+        self.finished.append(exchange)
+
+    def auth_failed(self, reason: str) -> None:
+        self.auth_failures.append(reason)
