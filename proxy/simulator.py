@@ -583,8 +583,8 @@ async def start_simulator(config: SimulatorConfig = SimulatorConfig(), host: str
                           port: int = 0, *, reuse_port: bool = False) -> RunningSimulator:
     """Listen like vLLM/uvicorn: backlog 2048, idle keep-alive closed after 5 s."""
     app = build_app(config)
-    runner = web.AppRunner(app, keepalive_timeout=config.keepalive_timeout, handler_cancellation=True,
-                           access_log=None, shutdown_timeout=0.1)
+    runner = web.AppRunner(app, keepalive_timeout=config.keepalive_timeout,
+                           handler_cancellation=True, access_log=None, shutdown_timeout=0.1)
     await runner.setup()
     handlers, stats = runner.server, app[STATS]
     assert handlers is not None
