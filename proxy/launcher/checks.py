@@ -13,7 +13,7 @@ import shutil
 import socket
 from pathlib import Path
 
-from proxy.launcher.command import LaunchError, gpu_ids, read_secrets
+from proxy.launcher.command import LaunchCommand, LaunchError, build_command, gpu_ids, read_secrets
 from proxy.launcher.runtime import run_quiet
 from proxy.settings import LauncherSettings
 
@@ -106,3 +106,10 @@ def check_port(port: int) -> None:
             raise LaunchError(f"port {port} on 127.0.0.1 is already in use: stop what listens "
                               f"there (ss -ltnp 'sport = :{port}'; an old vLLM container? "
                               f"docker ps) or change launcher.port") from error
+
+
+async def check_all(settings: LauncherSettings, binary: str) -> LaunchCommand:
+    """Every check that does not depend on what is running, then the command they allow."""
+    await check_runtime(settings, binary)
+    await check_gpus(settings)
+    return build_command(settings, check_files(settings), binary)

@@ -146,7 +146,10 @@ def model_args(settings: LauncherSettings) -> list[str]:
         args += ["--served-model-name", settings.served_model_name]
     args += ["--gpu-memory-utilization", _number(settings.gpu_memory_utilization),
              "--tensor-parallel-size", str(settings.tensor_parallel_size)]
-    return args + list(preset_flags(settings.preset))
+    try:
+        return args + list(preset_flags(settings.preset))
+    except ValueError as error:
+        raise LaunchError(str(error)) from None
 
 
 def _gpu_flags(runtime: str, gpus: str) -> list[str]:

@@ -8,6 +8,7 @@ instead of "exited with 1".
 
 from __future__ import annotations
 
+import logging
 import re
 import signal
 from collections.abc import Iterable
@@ -33,6 +34,23 @@ _MILESTONES: tuple[tuple[str, float, str], ...] = (
     ("starting vllm api server", 0.98, "starting the API server"),
     ("application startup complete", 0.99, "starting the API server"),
 )
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why a run ended (or could not start), in words."""
+
+    code: int | None
+    reason: str
+    ready_for: float = 0.0  # seconds the run had been ready before it failed
+
+
+_LEVELS = {"ERROR": logging.ERROR, "CRITICAL": logging.ERROR, "WARNING": logging.WARNING}
+
+
+def log_level(line: str) -> int:
+    """vLLM's own level of an output line ("WARNING 06-01 12:00:00 ..."), INFO if none."""
+    return _LEVELS.get(line.split(" ", 1)[0], logging.INFO)
 
 
 @dataclass

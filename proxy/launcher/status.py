@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -56,6 +57,23 @@ class LauncherStatus:
 
 def clamp_retry_after(seconds: float) -> int:
     return max(1, min(30, round(seconds)))
+
+
+def retry_after(status: LauncherStatus, backoff_left: float) -> int:
+    """Seconds a client should wait before trying again (the proxy's 503 Retry-After): about
+    when vLLM may be ready, capped at 30 s so that an OpenAI SDK (which honours values below
+    60 s) retries instead of giving up."""
+    if status.state == READY:
+        return 1
+    if status.state in (STARTING, LOADING):
+        progress, started = status.progress, status.started_at
+        if progress and progress > 0.05 and started:
+            elapsed = time.time() - started  # remaining = elapsed * (1 - p) / p
+            return clamp_retry_after(elapsed * (1 - progress) / progress)
+        return 10
+    if status.state == BACKOFF:
+        return clamp_retry_after(backoff_left + 1)  # +1: the start itself takes a moment
+    return 30
 
 
 def write_state_file(path: str, status: LauncherStatus, extra: dict[str, Any]) -> None:

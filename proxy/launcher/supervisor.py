@@ -22,21 +22,17 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from proxy.launcher import checks
-from proxy.launcher.command import LaunchError, build_command
-from proxy.launcher.diagnose import LoadProgress, explain_exit
+from proxy.launcher.command import LaunchError
+from proxy.launcher.container import ContainerRuntime
+from proxy.launcher.diagnose import Failure, LoadProgress, explain_exit, log_level
 from proxy.launcher.health import probe_health
-from proxy.launcher.runtime import (
-    Child,
-    ContainerRuntime,
-    ProcessRuntime,
-    Runtime,
-    StartFailed,
-)
+from proxy.launcher.process import ProcessRuntime
+from proxy.launcher.runtime import Child, Runtime, StartFailed
 from proxy.launcher.status import (
     BACKOFF,
     FATAL,
@@ -46,22 +42,14 @@ from proxy.launcher.status import (
     STOPPED,
     STOPPING,
     LauncherStatus,
-    clamp_retry_after,
     read_state_file,
+    retry_after,
     write_state_file,
 )
 from proxy.settings import LauncherSettings
 
 log = logging.getLogger("airgate.launcher")
 vllm_log = logging.getLogger("airgate.vllm")
-_LEVELS = {"ERROR": logging.ERROR, "CRITICAL": logging.ERROR, "WARNING": logging.WARNING}
-
-
-@dataclass(frozen=True)
-class _Failure:
-    code: int | None
-    reason: str
-    ready_for: float = 0.0  # seconds the run had been ready before it failed
 
 
 class Supervisor:
@@ -73,8 +61,8 @@ class Supervisor:
         self._secrets: tuple[str, ...] = ()
         self._quick_failures = 0
         self._backoff_until = 0.0  # time.monotonic()
-        self._child: Child | None = None
         self._child_pid: int | None = None
+        self._previous_pid: int | None = None
         self._status = LauncherStatus(
             state=STOPPED, message="not started", since=time.time(),
             runtime=settings.runtime, model=settings.model)
@@ -85,7 +73,7 @@ class Supervisor:
         status = self._status
         if status.state == BACKOFF:  # the only value that moves between state changes
             left = self._backoff_until - time.monotonic()
-            return replace(status, retry_after=clamp_retry_after(left + 1))
+            return replace(status, retry_after=retry_after(status, left))
         return status
 
     def add_listener(self, callback: Callable[[LauncherStatus], None]) -> None:
@@ -96,7 +84,8 @@ class Supervisor:
         old = self._status
         since = time.time() if state != old.state else old.since
         status = replace(old, state=state, message=message, since=since, **changes)
-        status = replace(status, retry_after=self._retry_after(status))
+        left = self._backoff_until - time.monotonic()
+        status = replace(status, retry_after=retry_after(status, left))
         self._status = status
         if state != old.state:
             log.info("launcher %s: %s", state, message)
@@ -110,23 +99,14 @@ class Supervisor:
             except Exception:
                 log.exception("launcher status listener failed")
 
-    def _retry_after(self, status: LauncherStatus) -> int:
-        if status.state == READY:
-            return 1
-        if status.state in (STARTING, LOADING):
-            progress, started = status.progress, status.started_at
-            if progress and progress > 0.05 and started:
-                elapsed = time.time() - started  # remaining = elapsed * (1 - p) / p
-                return clamp_retry_after(elapsed * (1 - progress) / progress)
-            return 10
-        if status.state == BACKOFF:
-            return clamp_retry_after(self._backoff_until - time.monotonic() + 1)
-        return 30
-
     # -- the loop ---------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
         """Supervise until `stop` is set, then stop vLLM and return."""
+        # The process an airgate that was killed may have left (read before our first write).
+        previous = read_state_file(self._settings.state_file) or {}
+        pid = previous.get("child_pid") if previous.get("runtime") == "process" else None
+        self._previous_pid = pid if isinstance(pid, int) else None
         try:
             while not stop.is_set():
                 failure = await self._one_run(stop)
@@ -141,11 +121,9 @@ class Supervisor:
                 if not stop.is_set():
                     self._status = replace(self._status, restarts=self._status.restarts + 1)
         finally:
-            if self._child is not None:  # cancelled mid-run: still leave nothing behind
-                await self._stop_child(self._child)
             self._publish(STOPPED, "stopped", progress=None)
 
-    def _account(self, failure: _Failure) -> float | None:
+    def _account(self, failure: Failure) -> float | None:
         """Count a failure; publish backoff (returns its delay) or fatal (returns None)."""
         s = self._settings
         if failure.ready_for >= s.stable_after:
@@ -169,35 +147,31 @@ class Supervisor:
     def _runtime(self) -> Runtime:
         s = self._settings
         if s.runtime == "process":
-            previous = read_state_file(s.state_file) or {}
-            pid = previous.get("child_pid") if previous.get("runtime") == "process" else None
-            return ProcessRuntime(pid if isinstance(pid, int) else None)
+            return ProcessRuntime(self._previous_pid)
         secrets_dir = Path(s.state_file).parent / "private"
         return ContainerRuntime(s.runtime, checks.find_binary(s), s.container_name, secrets_dir,
                                 run_timeout=max(600.0, s.start_timeout))
 
     async def _start(self, runtime: Runtime) -> tuple[Child, bool]:
         s = self._settings
-        binary = runtime.binary if isinstance(runtime, ContainerRuntime) else ""
-        await checks.check_runtime(s, binary)
-        await checks.check_gpus(s)
-        secrets = checks.check_files(s)
+        cmd = await checks.check_all(s, runtime.binary)
         # Kept to mask them, should vLLM ever print one into the log.
-        self._secrets = tuple(value for value in secrets.values() if len(value) >= 4)
-        cmd = build_command(s, secrets, binary)
+        self._secrets = tuple(value for value in cmd.secret_env.values() if len(value) >= 4)
         existing = await runtime.find_existing(cmd)
         if existing is not None:
             if existing.running and existing.config_hash == cmd.config_hash:
                 log.info("adopting %s %s: it runs with this configuration", runtime.name,
                          existing.ident)
                 return await runtime.adopt(existing), True
-            why = "its configuration differs" if existing.running else existing.status
+            why = existing.status if not existing.running else \
+                "left by an airgate that was killed" if runtime.name == "process" else \
+                "it runs another configuration"
             log.warning("removing stale %s %s (%s)", runtime.name, existing.ident, why)
             await runtime.remove_existing(existing, s.stop_timeout)
         checks.check_port(s.port)
         return await runtime.start(cmd), False
 
-    async def _one_run(self, stop: asyncio.Event) -> _Failure | None:
+    async def _one_run(self, stop: asyncio.Event) -> Failure | None:
         """Start (or adopt) one vLLM and watch it; None when stopped, else why it ended."""
         self._progress = LoadProgress()
         self._tail.clear()
@@ -206,33 +180,54 @@ class Supervisor:
                       ready_at=None, health_latency=None, child="")
         stop_task = asyncio.ensure_future(stop.wait())
         try:
-            runtime = self._runtime()
-            start = asyncio.ensure_future(self._start(runtime))
-            await asyncio.wait({start, stop_task}, return_when=asyncio.FIRST_COMPLETED)
-            if not start.done():  # stopped during the checks or a long `docker run`
-                start.cancel()
-                with contextlib.suppress(asyncio.CancelledError, LaunchError, StartFailed):
-                    await start
-                await runtime.discard()
-                return None
-            child, adopted = start.result()
-        except LaunchError as error:
-            stop_task.cancel()
-            return _Failure(None, str(error))
-        except StartFailed as error:
-            stop_task.cancel()
-            return _Failure(error.code, explain_exit(error.code, error.output))
-        self._child = child
-        if isinstance(runtime, ProcessRuntime):
-            self._child_pid = int(child.ident)
-        try:
-            return await self._watch(child, adopted, stop_task)
+            started = await self._start_unless_stopped(stop_task)
+            if started is None or isinstance(started, Failure):
+                return started
+            child, adopted = started
+            try:
+                return await self._watch(child, adopted, stop_task)
+            except BaseException:  # cancelled: still leave no vLLM behind
+                await self._stop_child(child)
+                raise
         finally:
             stop_task.cancel()
-            self._child = None
+
+    async def _start_unless_stopped(self, stop_task: asyncio.Future[Any],
+                                    ) -> tuple[Child, bool] | Failure | None:
+        try:
+            runtime = self._runtime()
+        except LaunchError as error:
+            return Failure(None, str(error))
+        start = asyncio.ensure_future(self._start(runtime))
+        try:
+            await asyncio.wait({start, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            await self._abandon(start, runtime)
+            raise
+        if not start.done() or stop_task.done():  # stopped during checks or a long `run`
+            await self._abandon(start, runtime)
+            return None
+        try:
+            child, adopted = start.result()
+        except LaunchError as error:
+            return Failure(None, str(error))
+        except StartFailed as error:
+            return Failure(error.code, explain_exit(error.code, error.output))
+        if isinstance(runtime, ProcessRuntime):
+            self._child_pid = int(child.ident)
+        return child, adopted
+
+    async def _abandon(self, start: asyncio.Future[tuple[Child, bool]], runtime: Runtime) -> None:
+        start.cancel()
+        try:
+            child, _ = await start
+        except (asyncio.CancelledError, LaunchError, StartFailed):
+            await runtime.discard()
+        else:  # it had just started after all
+            await self._stop_child(child)
 
     async def _watch(self, child: Child, adopted: bool, stop_task: asyncio.Future[Any],
-                     ) -> _Failure | None:
+                     ) -> Failure | None:
         s = self._settings
         started = time.monotonic()
         what = "adopted the running container; waiting for /health" if adopted else \
@@ -262,7 +257,7 @@ class Supervisor:
                     self._status = replace(self._status, health_latency=latency)
                 elif ready_since is None and now - started > s.start_timeout:
                     await self._stop_child(child)
-                    return _Failure(None, f"not ready after {s.start_timeout:g} s "
+                    return Failure(None, f"not ready after {s.start_timeout:g} s "
                                           f"(start_timeout) while {self._progress.describe()}: "
                                           f"raise launcher.start_timeout if it was still loading")
                 elif ready_since is not None and self._status.message == "ready":
@@ -282,10 +277,12 @@ class Supervisor:
             await child.remove()
             ready_for = time.monotonic() - ready_since if ready_since is not None else 0.0
             reason = explain_exit(info.code, self._tail, oom_killed=info.oom_killed)
-            return _Failure(info.code, reason, ready_for)
+            return Failure(info.code, reason, ready_for)
         finally:
             for task in (reader, exited):
                 task.cancel()
+            # Awaited, so that a helper process they were waiting on is reaped before we return.
+            await asyncio.gather(reader, exited, return_exceptions=True)
 
     async def _stop_child(self, child: Child) -> None:
         self._publish(STOPPING, f"stopping {child.ident} (up to {self._settings.stop_timeout:g} s)")
@@ -302,7 +299,6 @@ class Supervisor:
             for secret in self._secrets:
                 line = line.replace(secret, "***")
             self._tail.append(line)
-            level = _LEVELS.get(line.split(" ", 1)[0], logging.INFO)
-            vllm_log.log(level, "%s %s", prefix, line)
+            vllm_log.log(log_level(line), "%s %s", prefix, line)
             if self._status.state == LOADING and self._progress.feed(line):
                 self._publish(LOADING, self._progress.describe(), progress=self._progress.value)

@@ -1,0 +1,140 @@
+"""A plain `vllm serve` process: no container, the secrets in its environment.
+
+It runs in its own process group, so that stopping it reaches vLLM's engine and tensor-parallel
+worker processes too, and the kernel sends it SIGTERM if airgate dies (PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+from proxy.launcher.command import LaunchCommand
+from proxy.launcher.runtime import Child, Existing, ExitInfo, Runtime, StartFailed, read_lines
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A preexec function that makes the kernel SIGTERM the child when airgate dies, so that
+    even a SIGKILLed airgate leaves no vLLM behind holding the GPUs and the port."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)  # loaded before fork: no imports in the child
+    parent = os.getpid()
+    pr_set_pdeathsig = 1
+
+    def preexec() -> None:
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+        if os.getppid() != parent:  # airgate died between fork and prctl
+            os._exit(1)
+
+    return preexec
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0")[:-1]]
+
+
+async def _wait_foreign(pid: int, limit: float) -> None:
+    """Wait up to `limit` seconds for a process that is not our child to end (a pidfd becomes
+    readable when it does; there is no wait() for another parent's process)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    except OSError:  # kernel before 5.3
+        await asyncio.sleep(limit)
+        return
+    loop = asyncio.get_running_loop()
+    ended = asyncio.Event()
+    loop.add_reader(fd, ended.set)
+    try:
+        await asyncio.wait_for(ended.wait(), limit)
+    except TimeoutError:
+        pass
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
+class ProcessChild(Child):
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.ident = str(proc.pid)
+        self._proc = proc
+
+    async def lines(self) -> AsyncIterator[str]:
+        assert self._proc.stdout is not None
+        async for line in read_lines(self._proc.stdout):
+            yield line
+
+    async def wait(self) -> ExitInfo:
+        code = await self._proc.wait()
+        # asyncio says -9 for "killed by SIGKILL"; report 137 as docker and shells do, so the
+        # same status means the same thing whatever the runtime.
+        return ExitInfo(128 - code if code < 0 else code)
+
+    async def stop(self, grace: float) -> None:
+        # The group id is the child's pid (start_new_session); signalling the group reaches
+        # vLLM's engine and tensor-parallel workers as well.
+        _signal_group(self._proc.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(self._proc.wait(), grace)
+        except TimeoutError:
+            _signal_group(self._proc.pid, signal.SIGKILL)
+            await self._proc.wait()
+
+    async def remove(self) -> None:
+        _signal_group(self._proc.pid, signal.SIGKILL)  # workers that outlived the main process
+
+
+class ProcessRuntime(Runtime):
+    name = "process"
+
+    def __init__(self, previous_pid: int | None = None) -> None:
+        self.previous_pid = previous_pid
+
+    async def find_existing(self, cmd: LaunchCommand) -> Existing | None:
+        # A process of an airgate that was killed (its pid is in the state file). It is only
+        # treated as ours if its command line is the one we would run: pids get reused.
+        pid = self.previous_pid
+        if not pid or _cmdline(pid) != list(cmd.argv):
+            return None
+        # Its output cannot be re-attached, so it is never adopted: config_hash stays empty.
+        return Existing(str(pid), True, "", "running")
+
+    async def remove_existing(self, existing: Existing, grace: float) -> None:
+        pid = int(existing.ident)
+        _signal_group(pid, signal.SIGTERM)
+        await _wait_foreign(pid, grace)
+        _signal_group(pid, signal.SIGKILL)
+
+    async def discard(self) -> None:
+        pass  # a process start cannot be half done
+
+    async def start(self, cmd: LaunchCommand) -> Child:
+        env = {**os.environ, **cmd.env, **cmd.secret_env}
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *cmd.argv, env=env, stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True, preexec_fn=_die_with_parent())
+        except OSError as error:
+            raise StartFailed(127, [f"{cmd.argv[0]}: {error.strerror}"]) from error
+        return ProcessChild(proc)
+
+    async def adopt(self, existing: Existing) -> Child:
+        raise NotImplementedError("a process is never adopted")
