@@ -18,7 +18,7 @@ import ssl
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 
@@ -115,8 +115,7 @@ class ProxyServer:
             host, port = parse_hostport(where)
             site = web.TCPSite(runner, host, port, reuse_port=self.settings.server.workers > 1)
         await site.start()
-        server = site._server
-        assert isinstance(server, asyncio.Server)
+        server = cast(asyncio.Server, site._server)  # uvloop's Server is not asyncio's class
         bound: int = server.sockets[0].getsockname()[1]
         return bound
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -12,6 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 import trustme
+import uvloop
 
 from proxy.exchange import Exchange, ExchangeObserver
 from proxy.server import ProxyServer
@@ -200,3 +202,10 @@ class Recorder:
 
     def auth_failed(self, reason: str) -> None:
         self.auth_failures.append(reason)
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Every test runs on uvloop, as `airgate serve` does in production."""
+    return {"uvloop": uvloop.new_event_loop}
