@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -80,8 +81,9 @@ def test_bad_config_and_missing_state(tmp_path: Path, capsys: pytest.CaptureFixt
 class Launcher:
     """`airgate launch` in its own process, its log read line by line."""
 
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, notify: NotifySocket) -> None:
         self.proc = proc
+        self.notify = notify
         self.log: list[str] = []
 
     async def until_logged(self, text: str, limit: float = 20.0) -> None:
@@ -95,19 +97,49 @@ class Launcher:
                     return
 
 
+class NotifySocket:
+    """A stand-in for systemd's $NOTIFY_SOCKET: the datagrams sd_notify sends."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.setblocking(False)
+        self.messages: list[str] = []
+        self._arrived = asyncio.Event()
+        asyncio.get_running_loop().add_reader(self.sock, self._read)
+
+    def _read(self) -> None:
+        self.messages.append(self.sock.recv(4096).decode())
+        self._arrived.set()
+
+    async def until(self, text: str, limit: float = 10.0) -> None:
+        async with asyncio.timeout(limit):
+            while not any(text in message for message in self.messages):
+                self._arrived.clear()
+                await self._arrived.wait()
+
+    def close(self) -> None:
+        asyncio.get_running_loop().remove_reader(self.sock)
+        self.sock.close()
+
+
 @pytest.fixture
 async def launcher(tmp_path: Path) -> AsyncIterator[tuple[Launcher, Path]]:
     config = write_config(tmp_path)
+    notify = NotifySocket(tmp_path / "notify")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "proxy.cli", "launch", "--config", str(config),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
-    launcher = Launcher(proc)
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "NOTIFY_SOCKET": str(notify.path)})
+    launcher = Launcher(proc, notify)
     try:
         yield launcher, config
     finally:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+        notify.close()
 
 
 async def status_of(config: Path) -> tuple[int, str]:
@@ -146,8 +178,13 @@ async def test_launch_status_and_sigterm(launcher: tuple[Launcher, Path]) -> Non
     state = read_state_file(str(config.parent / "run" / "launcher.json"))
     assert state is not None
     child = state["child_pid"]
+    await proc.notify.until("STATUS=vLLM ready: ready")
+    assert proc.notify.messages[0] == "READY=1"
+    assert any(m.startswith("STATUS=vLLM loading: loading model (") for m in proc.notify.messages)
     proc.proc.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(proc.proc.wait(), 15) == 0
+    assert "STOPPING=1" in proc.notify.messages
+    assert proc.notify.messages[-1] == "STATUS=vLLM stopped: stopped"
     await wait_gone(child)
     code, text = await status_of(config)
     assert code == 3 and text.startswith("state:    stopped")

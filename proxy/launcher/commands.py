@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
 import time
 from typing import Any
 
+from proxy import systemd
 from proxy.launcher import checks
 from proxy.launcher.command import LaunchError, build_command, read_secrets
 from proxy.launcher.status import (
@@ -78,12 +80,35 @@ async def _launch(settings: LauncherSettings) -> int:
             stop.set()
 
     supervisor.add_listener(on_change)
+    # Under systemd (Type=notify) the unit is up once supervision runs: a model load can take
+    # longer than any sensible TimeoutStartSec. `systemctl status` shows the state line.
+    supervisor.add_listener(_tell_systemd)
+    systemd.notify("READY=1")
+    helper = asyncio.ensure_future(_systemd_helper(stop))
     try:
         await supervisor.run(stop)
     finally:
+        helper.cancel()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
     return 1 if gave_up else 0
+
+
+def _tell_systemd(status: LauncherStatus) -> None:
+    systemd.notify(f"STATUS=vLLM {status.state}: {status.message}"[:400])
+
+
+async def _systemd_helper(stop: asyncio.Event) -> None:
+    """WATCHDOG=1 while the loop is alive (if the unit asks for it); STOPPING=1 on stop."""
+    interval = systemd.watchdog_interval()
+    while not stop.is_set():
+        if interval is None:
+            await stop.wait()
+            break
+        systemd.notify("WATCHDOG=1")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval)
+    systemd.notify("STOPPING=1")
 
 
 def launch_main(args: argparse.Namespace) -> int:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from proxy.launcher.command import CONFIG_LABEL, LaunchCommand
+from proxy.launcher.command import CONFIG_LABEL, LaunchCommand, LaunchError
 from proxy.launcher.runtime import (
     Child,
     Existing,
@@ -56,7 +57,7 @@ class ContainerChild(Child):
         return self._exit
 
     async def stop(self, grace: float) -> None:
-        await run_quiet(self._runtime.binary, "stop", "-t", str(round(grace)),
+        await run_quiet(self._runtime.binary, "stop", "-t", str(math.ceil(grace)),
                         self._runtime.container, limit=grace + 30)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._waiter.wait(), 10)
@@ -106,7 +107,7 @@ class ContainerRuntime(Runtime):
 
     async def remove_existing(self, existing: Existing, grace: float) -> None:
         if existing.running:
-            await run_quiet(self.binary, "stop", "-t", str(round(grace)), self.container,
+            await run_quiet(self.binary, "stop", "-t", str(math.ceil(grace)), self.container,
                             limit=grace + 30)
         await run_quiet(self.binary, "rm", "-f", self.container)
 
@@ -117,11 +118,7 @@ class ContainerRuntime(Runtime):
         env_file = None
         argv = cmd.argv
         if cmd.secret_env:
-            self.secrets_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.chmod(self.secrets_dir, 0o700)
-            fd, env_file = tempfile.mkstemp(dir=self.secrets_dir, prefix="vllm-", suffix=".env")
-            with os.fdopen(fd, "w", encoding="utf-8") as file:  # mkstemp: mode 0600
-                file.write(cmd.env_file_content())
+            env_file = self._write_env_file(cmd)
             argv = cmd.argv_with_env_file(env_file)
         try:
             status, out = await run_quiet(*argv, limit=self.run_timeout)
@@ -134,6 +131,19 @@ class ContainerRuntime(Runtime):
         if status != 0:
             raise StartFailed(status, out.splitlines())
         return await self._follow(tail=None)
+
+    def _write_env_file(self, cmd: LaunchCommand) -> str:
+        try:
+            self.secrets_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(self.secrets_dir, 0o700)  # an existing directory may have been wider
+            fd, path = tempfile.mkstemp(dir=self.secrets_dir, prefix="vllm-", suffix=".env")
+            with os.fdopen(fd, "w", encoding="utf-8") as file:  # mkstemp: mode 0600
+                file.write(cmd.env_file_content())
+        except OSError as error:
+            raise LaunchError(f"cannot write the env file in {self.secrets_dir}: "
+                              f"{error.strerror}: make the directory of launcher.state_file "
+                              f"writable for the user airgate runs as") from error
+        return path
 
     async def adopt(self, existing: Existing) -> Child:
         # Enough of the past output to read the load progress of a container still loading.

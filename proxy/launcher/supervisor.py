@@ -63,6 +63,7 @@ class Supervisor:
         self._backoff_until = 0.0  # time.monotonic()
         self._child_pid: int | None = None
         self._previous_pid: int | None = None
+        self._state_file_error = ""
         self._status = LauncherStatus(
             state=STOPPED, message="not started", since=time.time(),
             runtime=settings.runtime, model=settings.model)
@@ -91,8 +92,12 @@ class Supervisor:
             log.info("launcher %s: %s", state, message)
         try:
             write_state_file(self._settings.state_file, status, {"child_pid": self._child_pid})
+            self._state_file_error = ""
         except OSError as error:
-            log.warning("cannot write the state file %s: %s", self._settings.state_file, error)
+            if str(error) != self._state_file_error:  # once, not at every progress step
+                log.warning("cannot write the state file %s (airgate status will not see this "
+                            "launcher): %s", self._settings.state_file, error)
+                self._state_file_error = str(error)
         for callback in list(self._listeners):
             try:
                 callback(self.status())
@@ -186,6 +191,10 @@ class Supervisor:
             child, adopted = started
             try:
                 return await self._watch(child, adopted, stop_task)
+            except Exception as error:  # a bug must not end supervision, nor leave vLLM
+                log.exception("supervising vLLM failed")
+                await self._stop_child(child)
+                return Failure(None, f"launcher error: {error!r}")
             except BaseException:  # cancelled: still leave no vLLM behind
                 await self._stop_child(child)
                 raise
@@ -213,6 +222,9 @@ class Supervisor:
             return Failure(None, str(error))
         except StartFailed as error:
             return Failure(error.code, explain_exit(error.code, error.output))
+        except Exception as error:  # a bug must not end supervision: count it as a failure
+            log.exception("launching vLLM failed")
+            return Failure(None, f"launcher error: {error!r}")
         if isinstance(runtime, ProcessRuntime):
             self._child_pid = int(child.ident)
         return child, adopted
@@ -274,7 +286,7 @@ class Supervisor:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(reader), 2.0)
             info = exited.result()
-            await child.remove()
+            await child.remove()  # its output is in airgate's log; the name is free for a restart
             ready_for = time.monotonic() - ready_since if ready_since is not None else 0.0
             reason = explain_exit(info.code, self._tail, oom_killed=info.oom_killed)
             return Failure(info.code, reason, ready_for)
