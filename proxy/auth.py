@@ -59,7 +59,17 @@ class FailureThrottle:
         while window and now - window[0] > settings.fail_window:
             window.popleft()
         if len(window) >= settings.fail_limit:
+            if len(self._blocked) >= MAX_TRACKED_ADDRESSES:
+                # A spray of addresses (IPv6 makes them cheap) must not grow this without bound:
+                # forget the blocks that have run out; if all are live, the oldest go first.
+                self._prune_blocked(now)
             self._blocked[address] = now + settings.block_seconds
+
+    def _prune_blocked(self, now: float) -> None:
+        for address in [a for a, until in self._blocked.items() if now >= until]:
+            del self._blocked[address]
+        while len(self._blocked) >= MAX_TRACKED_ADDRESSES:
+            del self._blocked[next(iter(self._blocked))]  # dicts keep insertion order
 
     def _prune(self, now: float) -> None:
         window = self._settings.fail_window
