@@ -8,14 +8,13 @@ import argparse
 import asyncio
 import json
 import shutil
-import signal
 import sys
 import tempfile
 from pathlib import Path
 
 import trustme
 
-from proxy.server import ProxyServer, configure_logging, install_uvloop
+from proxy.server import ProxyServer, configure_logging, install_uvloop, serve
 from proxy.settings import load_settings
 from proxy.simulator import SimulatorConfig, start_simulator
 from proxy.tokens import append_token
@@ -62,9 +61,9 @@ A streamed answer (tokens arrive as they are generated):
     -d '{stream_body}'
 
 Python (openai SDK):
-  python -c 'import httpx, openai; c = openai.OpenAI(base_url="{url}/v1", api_key="{token}", \\
-    http_client=httpx.Client(verify="{ca}")); \\
-    print(c.chat.completions.create(model="{MODEL}", \\
+  {sys.executable} -c 'import openai; c = openai.OpenAI(base_url="{url}/v1", \
+    api_key="{token}", http_client=openai.DefaultHttpxClient(verify="{ca}")); \
+    print(c.chat.completions.create(model="{MODEL}", \
     messages=[{{"role": "user", "content": "Hello world"}}]).choices[0].message.content)'
 
 Readiness: curl --cacert {ca} {url}/healthz
@@ -74,31 +73,27 @@ Press Ctrl-C to stop.
 
 async def run_demo(host: str, port: int) -> int:
     directory = Path(tempfile.mkdtemp(prefix="airgate-demo-"))
+    simulator = await start_simulator(SimulatorConfig(model=MODEL, ttft=0.25, token_interval=0.04,
+                                                      default_tokens=24))
     try:
-        simulator = await start_simulator(SimulatorConfig(model=MODEL, ttft=0.25,
-                                                          token_interval=0.04,
-                                                          default_tokens=24))
         config, token = write_demo_files(directory, host, port, simulator.url)
         settings = load_settings(config)
         configure_logging(settings)
-        server = ProxyServer(settings)
+
+        def started(server: ProxyServer) -> None:
+            url = f"https://{host}:{server.https_port}"
+            print(instructions(url, directory / "ca.pem", token), flush=True)
+            print(f"Metrics (Prometheus): curl http://127.0.0.1:{server.metrics_port}/metrics\n"
+                  "Access log: below, in Nginx's combined format (token name as the user).\n",
+                  flush=True)
+
         try:
-            await server.start()
+            return await serve(settings, on_started=started)
         except OSError as error:
             print(f"airgate demo: {error}; pass --port to use another port", file=sys.stderr)
-            await simulator.close()
             return 1
-        print(instructions(f"https://{host}:{server.https_port}", directory / "ca.pem", token),
-              flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
-        await stop.wait()
-        await server.stop(drain_timeout=2.0)
-        await simulator.close()
-        return 0
     finally:
+        await simulator.close()
         shutil.rmtree(directory, ignore_errors=True)
 
 

@@ -320,25 +320,49 @@ def install_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
+def _status_line(settings: Settings, model_status: Callable[[], ModelStatus] | None) -> str:
+    """What `systemctl status` shows: where we listen and, under `run`, how the model is."""
+    line = f"STATUS=serving on {settings.listen.https}"
+    if model_status is not None:
+        status = model_status()
+        line += "; model ready" if status.state == "ready" else f"; model {status.message}"
+    return line
+
+
 async def serve(
     settings: Settings,
     *,
     shutdown_trigger: asyncio.Event | None = None,
     model_status: Callable[[], ModelStatus] | None = None,
+    supervisor: Any = None,
     on_started: Callable[[ProxyServer], None] | None = None,
 ) -> int:
-    """Run the proxy until SIGTERM/SIGINT (or `shutdown_trigger`), then drain and stop."""
+    """Run the proxy until SIGTERM/SIGINT (or `shutdown_trigger`), then drain and stop.
+    SIGHUP reloads tokens and certificates; SIGUSR1 reopens the access log (logrotate)."""
+    from proxy.observability import build_observability
+
     loop = asyncio.get_running_loop()
     stop = shutdown_trigger or asyncio.Event()
     reload_requested = asyncio.Event()
+    observability = build_observability(settings, model_status=model_status,
+                                        supervisor=supervisor)
     for signum, event in ((signal.SIGTERM, stop), (signal.SIGINT, stop),
                           (signal.SIGHUP, reload_requested)):
         loop.add_signal_handler(signum, event.set)
-    server = ProxyServer(settings, model_status=model_status)
-    await server.start(systemd.listen_sockets())
+    loop.add_signal_handler(signal.SIGUSR1, observability.reopen_logs)
+    server = ProxyServer(settings, model_status=model_status, observer=observability.observer,
+                         metrics_app=observability.metrics_app,
+                         metrics_text=observability.metrics_text)
+    try:
+        await server.start(systemd.listen_sockets())
+    except BaseException:
+        await observability.close()
+        raise
     if on_started is not None:
         on_started(server)
-    systemd.notify("READY=1", f"STATUS=serving on {settings.listen.https}")
+    systemd.notify("READY=1", _status_line(settings, model_status))
+    if supervisor is not None:
+        supervisor.add_listener(lambda _: systemd.notify(_status_line(settings, model_status)))
     watchdog = systemd.watchdog_interval()
     while not stop.is_set():
         waiters = [asyncio.ensure_future(stop.wait()),
@@ -351,10 +375,17 @@ async def serve(
         if reload_requested.is_set():
             reload_requested.clear()
             systemd.reloading()
-            server.reload()
-            systemd.notify("READY=1", f"STATUS=reloaded at {time.strftime('%H:%M:%S')}")
+            when = time.strftime("%H:%M:%S")
+            if server.reload():
+                systemd.notify("READY=1", f"STATUS=reloaded at {when}; serving on "
+                               f"{settings.listen.https}")
+            else:
+                systemd.notify("READY=1", f"STATUS=reload at {when} FAILED (see the log); "
+                               "still serving with the previous tokens and certificate")
     systemd.notify("STOPPING=1", "STATUS=draining running requests")
+    loop.remove_signal_handler(signal.SIGUSR1)
     await server.stop(settings.server.drain_timeout)
+    await observability.close()
     return 0
 
 
@@ -401,7 +432,8 @@ async def run_all(settings: Settings, shutdown_trigger: asyncio.Event | None = N
     stop = shutdown_trigger or asyncio.Event()
     supervising = asyncio.ensure_future(supervisor.run(stop))
     try:
-        await serve(settings, shutdown_trigger=stop, model_status=supervisor.status)
+        await serve(settings, shutdown_trigger=stop, model_status=supervisor.status,
+                    supervisor=supervisor)
     finally:
         stop.set()
         await supervising
