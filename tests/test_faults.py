@@ -228,7 +228,7 @@ async def test_plain_http_on_tls_port(gate: Gate, tls: TLSFiles) -> None:
 
 
 async def test_body_that_stops_midway_closes_the_upstream(gate: Gate, tls: TLSFiles) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", gate.server.https_port,
+    _reader, writer = await asyncio.open_connection("127.0.0.1", gate.server.https_port,
                                                    ssl=tls.client_context,
                                                    server_hostname="localhost")
     writer.write(head(gate.token, "Content-Type: application/json", "Content-Length: 200000")
@@ -356,5 +356,5 @@ def _only_connection(server: ProxyServer) -> ClientConnection:
 
 async def _until(predicate: Any) -> None:
     # The core has no event for "paused": poll it at a short interval under a timeout.
-    while not predicate():
+    while not predicate():  # noqa: ASYNC110 - no event to await, see above
         await asyncio.sleep(0.01)
