@@ -245,8 +245,9 @@ def test_relayed_metrics_carry_vllm_families(airgate: Airgate, vllm: Vllm) -> No
 
 def usage_counters(values: dict[str, float], token_name: str) -> tuple[float, float]:
     def counted(kind: str) -> float:
-        return sum_matching(values, lambda key: key.startswith("airgate_") and kind in key
-                            and f'"{token_name}"' in key and "_created" not in key)
+        # airgate_{prompt,completion}_tokens_total{model=...,token=NAME}
+        return sum_matching(values, lambda key: key.startswith(f"airgate_{kind}_tokens_total{{")
+                            and f'"{token_name}"' in key)
 
     return counted("prompt"), counted("completion")
 
