@@ -17,7 +17,8 @@ import socket
 import ssl
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, cast
 
 from aiohttp import web
@@ -31,6 +32,7 @@ from proxy.state import ModelStatus, ProxyState, read_secret
 from proxy.tls import TLSConfigError, build_server_context
 from proxy.tokens import TokenFileError
 from proxy.upstream import HealthChecker, UpstreamPool
+from proxy.workers import announce_ready, run_workers, unix_metrics_socket, worker_identity
 
 log = logging.getLogger("airgate")
 
@@ -76,7 +78,8 @@ class ProxyServer:
         self._sweep_handle: asyncio.TimerHandle | None = None
 
     # -- life cycle ---------------------------------------------------------------------------
-    async def start(self, sockets: list[socket.socket] | None = None) -> None:
+    async def start(self, sockets: list[socket.socket] | None = None, *,
+                    metrics_sock: socket.socket | None = None) -> None:
         listen = self.settings.listen
         # The listening context only picks the current one per handshake, so a reload can swap
         # certificates for new connections without touching the listener.
@@ -95,9 +98,10 @@ class ProxyServer:
         if listen.http:
             self.http_port = await self._start_app(self._redirect_app(), listen.http,
                                                    sockets.pop(0) if sockets else None)
-        if self._metrics_app is not None and self.settings.metrics.listen:
+        if self._metrics_app is not None and (self.settings.metrics.listen or metrics_sock):
+            # a worker of several serves its metrics on a private socket; the parent adds up
             self.metrics_port = await self._start_app(self._metrics_app,
-                                                      self.settings.metrics.listen, None)
+                                                      self.settings.metrics.listen, metrics_sock)
         self._tasks.append(self.loop.create_task(self.health.run()))
         self._schedule_sweep()
         log.info("listening on https://%s:%d (upstream %s)", host, self.https_port,
@@ -116,8 +120,8 @@ class ProxyServer:
             site = web.TCPSite(runner, host, port, reuse_port=self.settings.server.workers > 1)
         await site.start()
         server = cast(asyncio.Server, site._server)  # uvloop's Server is not asyncio's class
-        bound: int = server.sockets[0].getsockname()[1]
-        return bound
+        name = server.sockets[0].getsockname()
+        return name[1] if isinstance(name, tuple) else 0
 
     async def drain(self, grace: float) -> int:
         """Stop accepting; let running exchanges finish for up to `grace` s; cut the rest.
@@ -336,6 +340,8 @@ async def serve(
     model_status: Callable[[], ModelStatus] | None = None,
     supervisor: Any = None,
     on_started: Callable[[ProxyServer], None] | None = None,
+    sockets: list[socket.socket] | None = None,
+    metrics_sock: socket.socket | None = None,
 ) -> int:
     """Run the proxy until SIGTERM/SIGINT (or `shutdown_trigger`), then drain and stop.
     SIGHUP reloads tokens and certificates; SIGUSR1 reopens the access log (logrotate)."""
@@ -354,7 +360,8 @@ async def serve(
                          metrics_app=observability.metrics_app,
                          metrics_text=observability.metrics_text)
     try:
-        await server.start(systemd.listen_sockets())
+        await server.start(systemd.listen_sockets() if sockets is None else sockets,
+                           metrics_sock=metrics_sock)
     except BaseException:
         await observability.close()
         raise
@@ -402,6 +409,8 @@ def serve_main(args: argparse.Namespace) -> int:
     if settings is None:
         return 2
     configure_logging(settings)
+    if settings.server.workers > 1:
+        return run_workers(settings, _worker_main(settings))
     install_uvloop()
     try:
         return asyncio.run(serve(settings))
@@ -410,17 +419,48 @@ def serve_main(args: argparse.Namespace) -> int:
         return 1
 
 
+def _worker_main(settings: Settings) -> Callable[[int, Path, list[socket.socket]], int]:
+    def main(index: int, runtime_dir: Path, inherited: list[socket.socket]) -> int:
+        identity = worker_identity()
+        install_uvloop()
+
+        def started(server: ProxyServer) -> None:
+            if identity is not None:
+                announce_ready(identity[1])
+
+        try:
+            return asyncio.run(serve(
+                settings, sockets=inherited, on_started=started,
+                metrics_sock=unix_metrics_socket(runtime_dir, index)))
+        except STARTUP_ERRORS as error:
+            print(f"airgate: worker {index}: {error}", file=sys.stderr)
+            return 1
+
+    return main
+
+
 def run_main(args: argparse.Namespace) -> int:
     settings = _load(args)
     if settings is None:
         return 2
     configure_logging(settings)
+    if settings.server.workers > 1:
+        return run_workers(settings, _worker_main(settings), _launcher_task(settings))
     install_uvloop()
     try:
         return asyncio.run(run_all(settings))
     except STARTUP_ERRORS as error:
         print(f"airgate: {error}", file=sys.stderr)
         return 1
+
+
+def _launcher_task(settings: Settings) -> Callable[[asyncio.Event], Awaitable[None]]:
+    async def supervise(stop: asyncio.Event) -> None:
+        from proxy.launcher.supervisor import Supervisor
+
+        await Supervisor(settings.launcher).run(stop)
+
+    return supervise
 
 
 async def run_all(settings: Settings, shutdown_trigger: asyncio.Event | None = None) -> int:
