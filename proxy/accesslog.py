@@ -22,12 +22,13 @@ import asyncio
 import logging
 import os
 import queue
+import select
 import sys
 import threading
 import time
 from collections.abc import Callable
 from json.encoder import encode_basestring_ascii as _quote  # the C one when available
-from typing import IO, Final
+from typing import Final
 
 from proxy.exchange import Exchange
 
@@ -163,7 +164,7 @@ class AccessLog:
         self._written = 0               # lines the thread is done with (the thread's count)
         self._flush_handle: asyncio.TimerHandle | None = None
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self._file: IO[str] | None = self._open() if path else None
+        self._fd: int | None = self._open() if path else None
         self._thread = threading.Thread(target=self._run, name="airgate-access-log",
                                         daemon=True)
         self._thread.start()
@@ -225,9 +226,13 @@ class AccessLog:
             self._queue.put(batch)
 
     # -- the writer thread --------------------------------------------------------------------
-    def _open(self) -> IO[str]:
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
-        return os.fdopen(fd, "a", encoding="utf-8", errors="backslashreplace")
+    # With `[server] workers` > 1 every worker appends to the same file or journal pipe, so a
+    # line must never be split between two write() calls: a file gets each batch in one
+    # O_APPEND write (no buffered writer cutting it at 8 KiB), a pipe gets pieces of whole lines
+    # up to PIPE_BUF, the size Linux writes to a pipe without interleaving.
+    def _open(self) -> int:
+        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                       FILE_MODE)
 
     def _run(self) -> None:
         get = self._queue.get
@@ -241,18 +246,24 @@ class AccessLog:
                 item.set()
             elif isinstance(item, list):
                 self._write(item)
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def _write(self, lines: list[str]) -> None:
-        # Look stdout up per batch: tests (and anything else) may have replaced sys.stdout.
-        target = self._file if self.path else sys.stdout
         try:
-            if target is None:
-                raise OSError(f"{self.path} is not open")
-            target.write("".join(lines))
-            target.flush()
+            if self.path:
+                if self._fd is None:
+                    raise OSError(f"{self.path} is not open")
+                data = "".join(lines).encode("utf-8", "backslashreplace")
+                while data:
+                    data = data[os.write(self._fd, data):]
+            else:
+                # Looked up per batch: tests (and anything else) may replace sys.stdout.
+                stream = sys.stdout
+                for piece in _whole_lines(lines, select.PIPE_BUF):
+                    stream.write(piece)
+                    stream.flush()
         except (OSError, ValueError) as error:  # ValueError: a closed stream
             self._failed += len(lines)
             log.error("access log %s: %s; %d line(s) lost", self.path or "<stdout>", error,
@@ -269,6 +280,22 @@ class AccessLog:
             log.error("cannot reopen access log %s: %s; still writing to the old file",
                       self.path, error)
             return
-        old, self._file = self._file, new
+        old, self._fd = self._fd, new
         if old is not None:
-            old.close()
+            os.close(old)
+
+
+def _whole_lines(lines: list[str], limit: int) -> list[str]:
+    """`lines` joined into pieces of at most `limit` characters (a longer line alone)."""
+    pieces: list[str] = []
+    current: list[str] = []
+    size = 0
+    for line in lines:
+        if current and size + len(line) > limit:
+            pieces.append("".join(current))
+            current, size = [], 0
+        current.append(line)
+        size += len(line)
+    if current:
+        pieces.append("".join(current))
+    return pieces

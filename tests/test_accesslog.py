@@ -351,3 +351,37 @@ async def test_a_stuck_disk_drops_lines_instead_of_growing_memory(tmp_path: Path
 async def test_unwritable_access_file_fails_at_start(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         AccessLog("combined", str(tmp_path / "missing-dir" / "access.log"))
+
+
+async def test_workers_appending_to_one_file_never_split_a_line(tmp_path: Path) -> None:
+    # `[server] workers` > 1: each worker has its own AccessLog on the same file.
+    path = tmp_path / "access.log"
+    workers = [AccessLog("combined", str(path)) for _ in range(3)]
+    try:
+        for round_ in range(20):
+            for index, access in enumerate(workers):
+                for _ in range(150):  # ~45 KiB a batch: several buffer sizes
+                    access.exchange_finished(sample_exchange(
+                        status=200 + index, user_agent=f"worker-{index}-{round_}-" + "u" * 250))
+                access._hand_over()
+        for access in workers:
+            assert access.flush()
+    finally:
+        for access in workers:
+            access.close()
+    lines = path.read_text().splitlines()
+    assert len(lines) == 3 * 20 * 150
+    for line in lines:
+        fields = elastic_parse(line)
+        agent = fields["user_agent.original"]
+        assert agent.startswith(f"worker-{int(fields['http.response.status_code']) - 200}-")
+
+
+async def test_stdout_pieces_are_whole_lines_up_to_pipe_buf() -> None:
+    from proxy.accesslog import _whole_lines
+
+    lines = [f"{n:04d}" + "x" * 95 + "\n" for n in range(100)]  # 100 lines of 100 characters
+    pieces = _whole_lines(lines, 4096)
+    assert "".join(pieces) == "".join(lines)
+    assert all(len(piece) <= 4096 and piece.endswith("\n") for piece in pieces)
+    assert _whole_lines(["y" * 5000 + "\n"], 4096) == ["y" * 5000 + "\n"]
