@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -22,7 +23,6 @@ from proxy.settings import Settings, load_settings
 from proxy.simulator import RecordedRequest, RunningSimulator, SimulatorConfig, start_simulator
 from proxy.tokens import append_token
 from proxy.upstream import HEALTH_USER_AGENT
-
 
 # The real-vLLM suite (tests/e2e, `make e2e`) needs a 3.5 GB install; `make test` leaves it out
 # so that its own conftest (imported as `conftest` too) is never loaded beside this one.
@@ -215,3 +215,17 @@ def pytest_asyncio_loop_factories(
 ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
     """Every test runs on uvloop, as `airgate serve` does in production."""
     return {"uvloop": uvloop.new_event_loop}
+
+
+def free_port() -> int:
+    """A port free now on 127.0.0.1, for servers started as separate processes."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def children_of(pid: int) -> list[int]:
+    """Direct child processes of `pid` (Linux /proc)."""
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
