@@ -207,12 +207,8 @@ class ProxyCollector(Collector):
     def __init__(self, metrics: ProxyMetrics) -> None:
         self.metrics = metrics
 
-    def current(self) -> ProxyMetrics:
-        """The numbers to expose (proxy.metrics_workers sums several processes' here)."""
-        return self.metrics
-
     def collect(self) -> Iterator[Metric]:
-        m = self.current()
+        m = self.metrics
         requests = CounterMetricFamily(
             "airgate_requests", "Requests answered, by token NAME, allowlist route and status "
             "class.", labels=("token", "route", "status"))

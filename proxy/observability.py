@@ -28,7 +28,6 @@ from proxy.launcher.status import LauncherStatus
 from proxy.metrics import ProxyCollector, ProxyMetrics
 from proxy.metrics_launcher import GpuCollector, LauncherCollector, StatusSource, state_file_source
 from proxy.metrics_relay import VllmRelay
-from proxy.metrics_workers import SharedProxyCollector, WorkerSnapshots
 from proxy.settings import Settings
 from proxy.state import ModelStatus
 
@@ -100,7 +99,6 @@ class Observability:
     access_log: AccessLog | None
     gpu: GpuCollector
     metrics_app: web.Application
-    workers: WorkerSnapshots | None = None
 
     async def render(self) -> bytes:
         """The whole scrape: airgate's families, then vLLM's, fetched now."""
@@ -123,8 +121,6 @@ class Observability:
             self.access_log.reopen()
 
     async def close(self) -> None:
-        if self.workers is not None:
-            self.workers.stop()
         await self.relay.close()
         if self.access_log is not None:
             self.access_log.close()
@@ -152,23 +148,16 @@ def build_observability(
     *,
     model_status: Callable[[], ModelStatus] | None = None,
     supervisor: HasStatus | None = None,
-    worker_dir: str = "",
 ) -> Observability:
     """Build metrics (own registry), the vLLM relay, the access log and the metrics app.
-    Opens the access log file now: an OSError here is a start-up error.
-
-    `worker_dir`: with `[server] workers` > 1, a directory shared by the workers (emptied by
-    prepare_worker_dir before they start) through which each scrape sums all of them; call this
-    with a running loop then (the snapshots are published by a loop timer)."""
+    Opens the access log file now: an OSError here is a start-up error."""
     metrics = ProxyMetrics(route.partition(" ")[2] for route in settings.upstream.allow)
-    workers = WorkerSnapshots(worker_dir, metrics) if worker_dir else None
     relay = VllmRelay(settings.upstream.url, settings.metrics.upstream_timeout)
     access_log = (AccessLog(settings.log.access, settings.log.access_file)
                   if settings.log.access != "off" else None)
     gpu = GpuCollector()
     registry = CollectorRegistry(auto_describe=False)
-    for collector in (ProxyCollector(metrics) if workers is None else
-                      SharedProxyCollector(workers),
+    for collector in (ProxyCollector(metrics),
                       LauncherCollector(launcher_source(settings, model_status, supervisor)),
                       gpu, _SelfCollector(relay, access_log)):
         registry.register(collector)
@@ -178,10 +167,7 @@ def build_observability(
     PlatformCollector(registry=registry)
     observer: ExchangeObserver = (MetricsAndLog(metrics, access_log) if access_log is not None
                                   else metrics)
-    obs = Observability(observer, metrics, registry, relay, access_log, gpu, web.Application(),
-                        workers)
-    if workers is not None:
-        workers.start()
+    obs = Observability(observer, metrics, registry, relay, access_log, gpu, web.Application())
     obs.metrics_app.router.add_get("/metrics", _handler(obs))
     return obs
 
