@@ -68,12 +68,11 @@ class MetricsAndLog:
         self._metrics.auth_failed(reason)
 
 
-class _SelfCollector(Collector):
-    """airgate's own health: build, relay state, lost log lines."""
+class _HostCollector(Collector):
+    """What one process per host reports: the build, and whether vLLM's metrics came."""
 
-    def __init__(self, relay: VllmRelay, access_log: AccessLog | None) -> None:
+    def __init__(self, relay: VllmRelay) -> None:
         self.relay = relay
-        self.access_log = access_log
 
     def collect(self) -> list[Metric]:
         info = GaugeMetricFamily("airgate_build_info", "airgate's version.", labels=("version",))
@@ -81,13 +80,18 @@ class _SelfCollector(Collector):
         up = GaugeMetricFamily("airgate_upstream_metrics_up", "1 when vLLM's /metrics answered "
                                "for this scrape (its vllm: families follow), else 0.")
         up.add_metric((), 1.0 if self.relay.up else 0.0)
-        families: list[Metric] = [info, up]
-        if self.access_log is not None:
-            dropped = CounterMetricFamily("airgate_access_log_dropped_lines", "Access log lines "
-                                          "lost: backlog full (disk too slow) or write failed.")
-            dropped.add_metric((), self.access_log.dropped)
-            families.append(dropped)
-        return families
+        return [info, up]
+
+
+class _AccessLogCollector(Collector):
+    def __init__(self, access_log: AccessLog) -> None:
+        self.access_log = access_log
+
+    def collect(self) -> list[Metric]:
+        dropped = CounterMetricFamily("airgate_access_log_dropped_lines", "Access log lines "
+                                      "lost: backlog full (disk too slow) or write failed.")
+        dropped.add_metric((), self.access_log.dropped)
+        return [dropped]
 
 
 @dataclass
@@ -95,13 +99,15 @@ class Observability:
     observer: ExchangeObserver
     metrics: ProxyMetrics
     registry: CollectorRegistry
-    relay: VllmRelay
+    relay: VllmRelay | None     # None: host_metrics=False
     access_log: AccessLog | None
-    gpu: GpuCollector
+    gpu: GpuCollector | None
     metrics_app: web.Application
 
     async def render(self) -> bytes:
         """The whole scrape: airgate's families, then vLLM's, fetched now."""
+        if self.relay is None:
+            return generate_latest(self.registry)
         await self.relay.fetch()
         return generate_latest(self.registry) + self.relay.text
 
@@ -110,6 +116,8 @@ class Observability:
         is the one fetched by the previous scrape (at most RELAY_MAX_AGE old), and a fresh
         fetch starts for the next one."""
         relay = self.relay
+        if relay is None:
+            return generate_latest(self.registry)
         if relay.up and time.monotonic() - relay.fetched_at > RELAY_MAX_AGE:
             relay.up, relay.text = False, b""
         relay.refresh_soon()
@@ -121,10 +129,12 @@ class Observability:
             self.access_log.reopen()
 
     async def close(self) -> None:
-        await self.relay.close()
+        if self.relay is not None:
+            await self.relay.close()
         if self.access_log is not None:
             self.access_log.close()
-        self.gpu.close()
+        if self.gpu is not None:
+            self.gpu.close()
 
 
 def launcher_source(settings: Settings, model_status: Callable[[], ModelStatus] | None,
@@ -148,19 +158,28 @@ def build_observability(
     *,
     model_status: Callable[[], ModelStatus] | None = None,
     supervisor: HasStatus | None = None,
+    host_metrics: bool = True,
 ) -> Observability:
     """Build metrics (own registry), the vLLM relay, the access log and the metrics app.
-    Opens the access log file now: an OSError here is a start-up error."""
+    Opens the access log file now: an OSError here is a start-up error.
+
+    `host_metrics=False` leaves out what describes the host rather than this process (launcher,
+    GPUs, vLLM's relayed families, build info): with `[server] workers` > 1, only one worker
+    should report those, so the others don't fetch vLLM's /metrics or query NVML for nothing."""
     metrics = ProxyMetrics(route.partition(" ")[2] for route in settings.upstream.allow)
-    relay = VllmRelay(settings.upstream.url, settings.metrics.upstream_timeout)
     access_log = (AccessLog(settings.log.access, settings.log.access_file)
                   if settings.log.access != "off" else None)
-    gpu = GpuCollector()
     registry = CollectorRegistry(auto_describe=False)
-    for collector in (ProxyCollector(metrics),
-                      LauncherCollector(launcher_source(settings, model_status, supervisor)),
-                      gpu, _SelfCollector(relay, access_log)):
-        registry.register(collector)
+    registry.register(ProxyCollector(metrics))
+    relay = gpu = None
+    if host_metrics:
+        relay = VllmRelay(settings.upstream.url, settings.metrics.upstream_timeout)
+        gpu = GpuCollector()
+        registry.register(LauncherCollector(launcher_source(settings, model_status, supervisor)))
+        registry.register(gpu)
+        registry.register(_HostCollector(relay))
+    if access_log is not None:
+        registry.register(_AccessLogCollector(access_log))
     # The proxy's own CPU and memory (the numbers the design is judged by); these register
     # themselves in the registry they are given.
     ProcessCollector(registry=registry)

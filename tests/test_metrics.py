@@ -490,3 +490,25 @@ async def test_relay_keeps_vllm_families_byte_for_byte() -> None:
         b"# TYPE vllm:num_requests_running gauge\n"
         b'vllm:num_requests_running{model_name="m",engine="0"} 3.0\n')
     assert vllm_families(b"") == b""
+
+
+async def test_host_metrics_off_for_all_workers_but_one(
+    make_settings: MakeSettings, simulator: RunningSimulator, tmp_path: Path,
+) -> None:
+    state_file = tmp_path / "launcher.json"
+    write_state_file(str(state_file), LauncherStatus(state="ready"), {})
+    settings = make_settings(simulator.url, launcher={"state_file": str(state_file)})
+    worker, host = (build_observability(settings, host_metrics=flag) for flag in (False, True))
+    try:
+        finish(worker.metrics, exchange())
+        quiet = (await worker.render()).decode()
+        full = (await host.render()).decode()
+    finally:
+        await worker.close()
+        await host.close()
+    assert 'airgate_requests_total{' in quiet
+    for family in ("airgate_launcher_state", "airgate_upstream_metrics_up", "airgate_build_info",
+                   "# TYPE vllm:"):
+        assert family not in quiet
+        assert family in full
+    assert simulator.stats.paths.count("/metrics") == 1  # only the host-metrics one asked vLLM

@@ -19,7 +19,7 @@ from proxy.launcher.status import LauncherStatus
 from proxy.metrics import ProxyCollector, ProxyMetrics
 from proxy.metrics_launcher import GpuCollector, LauncherCollector
 from proxy.metrics_relay import VllmRelay
-from proxy.observability import _SelfCollector
+from proxy.observability import _AccessLogCollector, _HostCollector
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS = ROOT / "deploy" / "prometheus"
@@ -108,7 +108,8 @@ def exposed_names() -> set[str]:
 
     registry = CollectorRegistry(auto_describe=False)
     for collector in (ProxyCollector(metrics), LauncherCollector(lambda: status), gpu,
-                      _SelfCollector(VllmRelay("http://127.0.0.1:9", 1.0), AnyLog())):  # type: ignore[arg-type]
+                      _HostCollector(VllmRelay("http://127.0.0.1:9", 1.0)),
+                      _AccessLogCollector(AnyLog())):  # type: ignore[arg-type]
         registry.register(collector)
     text = generate_latest(registry).decode()
     return {line.split("{")[0].split(" ")[0] for line in text.splitlines()
