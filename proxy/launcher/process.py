@@ -71,6 +71,33 @@ async def _wait_foreign(pid: int, limit: float) -> None:
         os.close(fd)
 
 
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of the group is still running (zombies do not count: they hold no
+    memory, and reaping them is their new parent's business)."""
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as file:
+                # "pid (comm) state ppid pgrp ...": comm may hold spaces, so split after ")".
+                fields = file.read().rpartition(b")")[2].split()
+        except OSError:
+            continue
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != b"Z":
+            return True
+    return False
+
+
+async def _group_gone(pgid: int, limit: float = 5.0) -> None:
+    """Wait until no process of the group runs: a killed tensor-parallel worker holds its GPU
+    memory until it is gone, and the next start would find it taken. A signal is delivered
+    asynchronously, and a group offers nothing to wait on, so this polls."""
+    for _ in range(int(limit / 0.02)):
+        if not _group_alive(pgid):
+            return
+        await asyncio.sleep(0.02)
+
+
 class ProcessChild(Child):
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
         self.ident = str(proc.pid)
@@ -99,6 +126,7 @@ class ProcessChild(Child):
 
     async def remove(self) -> None:
         _signal_group(self._proc.pid, signal.SIGKILL)  # workers that outlived the main process
+        await _group_gone(self._proc.pid)
 
 
 class ProcessRuntime(Runtime):
@@ -121,6 +149,7 @@ class ProcessRuntime(Runtime):
         _signal_group(pid, signal.SIGTERM)
         await _wait_foreign(pid, grace)
         _signal_group(pid, signal.SIGKILL)
+        await _group_gone(pid)
 
     async def discard(self) -> None:
         pass  # a process start cannot be half done
