@@ -106,8 +106,9 @@ def test_stream_arrives_as_a_stream(airgate: Airgate, vllm: Vllm) -> None:
         last = proxied.times[-1]
         early = sum(t < last - 0.3 for t in proxied.times) / len(proxied.times)
         attempts.append((len(proxied.events), proxied.times[0], early))
-        # One event per token plus the role chunk, as vLLM sends directly.
-        if len(proxied.events) == len(direct.events) == max_tokens + 1 and early > 0.25:
+        # One event per token plus the role chunk: what vLLM sends when its reader keeps up
+        # (a lagging vLLM merges tokens into fewer events, so `direct` may have fewer).
+        if len(proxied.events) == max_tokens + 1 and early > 0.25:
             return
     pytest.fail(f"(events, first chunk s, share arriving >0.3 s before the last) per attempt: "
                 f"{attempts}; direct: {len(direct.events)} events")
