@@ -4,6 +4,7 @@ the launcher/GPU collectors and the vLLM relay on their own."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 import types
@@ -140,6 +141,9 @@ async def test_scrape_counts_real_traffic(
     assert value(samples, "airgate_request_body_bytes_sum", route=CHAT) >= 3 * body
     assert value(samples, "airgate_response_body_bytes_sum", route=CHAT) > 0
     assert value(samples, "airgate_client_aborts_total", phase="streaming") == 0
+    # Only the stream has a first token and gaps between tokens.
+    assert value(samples, "airgate_time_to_first_token_seconds_count", route=CHAT) == 1
+    assert value(samples, "airgate_inter_token_gap_seconds_count", route=CHAT) >= 1
     assert value(samples, "airgate_upstream_metrics_up") == 1
     # vLLM's families relayed unchanged, vLLM's process families not (they'd clash with ours).
     assert value(samples, "vllm:request_success_total", model_name="sim-model",
@@ -255,12 +259,6 @@ async def test_a_dedicated_metrics_token_is_enough_on_the_tls_listener(
     assert value(samples, "airgate_requests_in_flight") >= 0
 
 
-# The core does not count usage yet (ex.prompt_tokens/completion_tokens/model stay empty):
-# these end-to-end checks are ready for when it does.
-WAITS_FOR_CORE = pytest.mark.skip(reason="waits for core usage counting")
-
-
-@WAITS_FOR_CORE
 async def test_usage_of_non_streamed_answers_is_counted_per_token_and_model(
     observed: StartObserved, simulator: RunningSimulator, tokens: Tokens,
     client: aiohttp.ClientSession,
@@ -281,7 +279,6 @@ async def test_usage_of_non_streamed_answers_is_counted_per_token_and_model(
     assert value(samples, "airgate_completion_tokens_total", **labels) == completion == 10
 
 
-@WAITS_FOR_CORE
 @pytest.mark.parametrize("client_asks", [True, False])
 async def test_usage_of_streams_is_counted_and_unasked_usage_chunk_never_reaches_client(
     observed: StartObserved, simulator: RunningSimulator, tokens: Tokens,
@@ -512,3 +509,89 @@ async def test_host_metrics_off_for_all_workers_but_one(
         assert family not in quiet
         assert family in full
     assert simulator.stats.paths.count("/metrics") == 1  # only the host-metrics one asked vLLM
+
+
+# -- every way an exchange can end finishes it exactly once --------------------------------------
+
+async def raw_tls(gate: Observed, tls: TLSFiles) -> tuple[asyncio.StreamReader,
+                                                          asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", gate.server.https_port,
+                                         ssl=tls.client_context, server_hostname="localhost")
+
+
+async def test_every_ending_leaves_nothing_in_flight(
+    observed: StartObserved, simulator: RunningSimulator, tokens: Tokens, tls: TLSFiles,
+    client: aiohttp.ClientSession,
+) -> None:
+    """The in-flight gauge is started+1 / finished-1: an ending that forgets to finish its
+    exchange (or finishes it twice) shows here as a gauge that never returns to 0."""
+    gate = await observed(simulator.url, server={"header_timeout": 0.4},
+                          upstream={"max_body": "1KiB", "read_timeout": 0.5})
+    good = auth(tokens.kibana)
+    endings = 0
+
+    async def post(headers: dict[str, str], body: Any = KIBANA_TEST_BODY,
+                   path: str = CHAT) -> None:
+        nonlocal endings
+        endings += 1
+        with contextlib.suppress(aiohttp.ClientError):
+            async with client.post(gate.url + path, json=body, headers=headers) as resp:
+                await resp.read()
+
+    await post(good)                                             # 200
+    await post(good, {**KIBANA_TEST_BODY, "stream": True})       # 200 stream
+    await post({})                                               # 401
+    await post(good, path="/v1/nope")                            # 404
+    await post(good, {"padding": "x" * 2000})                    # 413
+    for fail in ("empty-500", "bad-response", "close", "flat-error"):
+        await post({**good, "x-sim-fail": fail})                 # vLLM misbehaves
+    await post({**good, "x-sim-fail": "die-mid-stream"}, {**KIBANA_TEST_BODY, "stream": True})
+    await post({**good, "x-sim-ttft": "5"})                      # 504 read timeout
+
+    # The client hangs up: while sending, while waiting, while streaming.
+    reader, writer = await raw_tls(gate, tls)
+    writer.write(f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tokens.kibana}\r\n"
+                 "Content-Type: application/json\r\nContent-Length: 900\r\n\r\n{\"m".encode())
+    await writer.drain()
+    await asyncio.sleep(0.05)
+    writer.close()
+    endings += 1
+    reader, writer = await raw_tls(gate, tls)
+    body = json.dumps(KIBANA_TEST_BODY).encode()
+    writer.write(f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tokens.kibana}\r\n"
+                 f"x-sim-ttft: 30\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    await writer.drain()
+    await simulator.stats.wait_for(lambda: simulator.stats.running >= 1)
+    writer.close()
+    endings += 1
+    reader, writer = await raw_tls(gate, tls)
+    body = json.dumps({**KIBANA_TEST_BODY, "stream": True}).encode()
+    writer.write(f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tokens.kibana}\r\n"
+                 f"x-sim-interval: 0.05\r\nx-sim-tokens: 400\r\nContent-Type: application/json"
+                 f"\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    await reader.readuntil(b"data: ")
+    writer.close()
+    endings += 1
+    # A head that never completes: 408 after header_timeout.
+    reader, writer = await raw_tls(gate, tls)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+    await reader.read()
+    writer.close()
+    endings += 1
+    # A connection that says nothing at all is no exchange.
+    reader, writer = await raw_tls(gate, tls)
+    await reader.read()
+    writer.close()
+
+    await simulator.stats.wait_aborted(2, timeout=3.0)
+    await gate.settled()
+    async with aiohttp.ClientSession() as plain:
+        _, samples = await gate.scrape(plain)
+    assert value(samples, "airgate_requests_in_flight") == 0
+    answered = sum(v for (name, _), v in samples.items() if name == "airgate_requests_total")
+    assert answered == endings
+    for phase in ("request", "waiting", "streaming"):
+        assert value(samples, "airgate_client_aborts_total", phase=phase) == 1, phase
+    assert value(samples, "airgate_upstream_errors_total", kind="timeout") == 1
+    assert value(samples, "airgate_upstream_errors_total", kind="bad_response") >= 1
