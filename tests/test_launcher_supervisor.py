@@ -89,6 +89,12 @@ async def test_start_load_ready_and_clean_stop(tmp_path: Path, fake: FakeRuntime
     assert fake.container(settings.container_name) is None
     # The env file: 0600 in a 0700 directory while `run` read it, gone right after.
     run_record = next(r for r in fake.records() if r["argv"][0] == "run")
+    # Exactly the command `airgate launch --print` shows, the env file's path filled in.
+    recorded = run_record["argv"]
+    env_file = recorded[recorded.index("--env-file") + 1]
+    assert Path(env_file).parent == Path(settings.state_file).parent / "private"
+    command = build_command(settings, read_secrets(settings), settings.runtime_command)
+    assert recorded == list(command.argv_with_env_file(env_file)[1:])
     assert run_record["env_file"]["mode"] == "0o600"
     assert run_record["env_file"]["dir_mode"] == "0o700"
     assert run_record["env_file"]["names"] == ["VLLM_API_KEY", "HF_TOKEN",
