@@ -321,3 +321,20 @@ async def test_cancelled_run_still_cleans_up(tmp_path: Path, fake: FakeRuntime) 
         with pytest.raises(asyncio.CancelledError):
             await run.task
     assert fake.container(settings.container_name) is None
+
+
+async def test_keep_running_leaves_the_container_for_the_next_airgate(
+        tmp_path: Path, fake: FakeRuntime) -> None:
+    settings = make_settings(tmp_path, fake)
+    async with supervise(settings, keep_running=True) as run:
+        await run.watch.until("ready")
+    assert run.watch.states()[-2:] == ["ready", "stopped"]
+    container = fake.container(settings.container_name)
+    assert container is not None and pid_alive(container["pid"])
+    assert not [call for call in fake.calls() if call[0] in ("stop", "rm")]
+    async with supervise(settings) as run:  # a restarted airgate: adopts, no model reload
+        loading = await run.watch.until("loading")
+        assert loading.message.startswith("adopted")
+        await run.watch.until("ready")
+    assert fake.verbs().count("run") == 1
+    assert not pid_alive(container["pid"])

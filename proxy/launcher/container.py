@@ -64,11 +64,15 @@ class ContainerChild(Child):
 
     async def remove(self) -> None:
         await run_quiet(self._runtime.binary, "rm", "-f", self._runtime.container)
+        await self.detach()
+
+    async def detach(self) -> bool:
         for helper in (self._logs, self._waiter):
             if helper.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     helper.kill()
                 await helper.wait()
+        return True
 
 
 class ContainerRuntime(Runtime):

@@ -102,6 +102,11 @@ class Child(ABC):
     async def remove(self) -> None:
         """Remove what is left (the exited container, stray worker processes)."""
 
+    async def detach(self) -> bool:
+        """Stop following it but leave it running, for the next airgate to adopt; False when
+        this runtime cannot (a process dies with airgate)."""
+        return False
+
 
 class Runtime(ABC):
     name: str

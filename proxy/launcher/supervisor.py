@@ -53,8 +53,21 @@ vllm_log = logging.getLogger("airgate.vllm")
 
 
 class Supervisor:
-    def __init__(self, settings: LauncherSettings) -> None:
+    """Supervises one vLLM as `settings` describe it.
+
+    `run(stop)` supervises until `stop` is set (in `fatal` it waits for that too), then stops
+    vLLM and returns; `status()` is cheap enough to call per request; listeners are called, in
+    the loop, after every change of state, message or load progress.
+
+    `keep_running=True` leaves a container running when stopped, for the next airgate to adopt
+    without a model reload (default: the `keep_running_on_exit` setting if there is one, else
+    False: nothing is left behind).
+    """
+
+    def __init__(self, settings: LauncherSettings, *, keep_running: bool | None = None) -> None:
         self._settings = settings
+        self._keep_running = bool(getattr(settings, "keep_running_on_exit", False)) \
+            if keep_running is None else keep_running
         self._listeners: list[Callable[[LauncherStatus], None]] = []
         self._progress = LoadProgress()
         self._tail: deque[str] = deque(maxlen=40)  # last output lines, to explain a crash
@@ -280,7 +293,10 @@ class Supervisor:
                 if stop_task.done() or exited.done():
                     break
             if stop_task.done():
-                await self._stop_child(child)
+                if self._keep_running and await child.detach():
+                    log.info("leaving %s running for the next airgate to adopt", child.ident)
+                else:
+                    await self._stop_child(child)
                 return None
             # It ended by itself: let the last lines arrive, they say why.
             with contextlib.suppress(TimeoutError):

@@ -184,8 +184,8 @@ class Running:
 
 
 @contextlib.asynccontextmanager
-async def supervise(settings: LauncherSettings) -> AsyncIterator[Running]:
-    supervisor = Supervisor(settings)
+async def supervise(settings: LauncherSettings, **options: Any) -> AsyncIterator[Running]:
+    supervisor = Supervisor(settings, **options)
     watch = Watch(supervisor)
     stop = asyncio.Event()
     task = asyncio.create_task(supervisor.run(stop))
