@@ -192,6 +192,7 @@ class ClientConnection(asyncio.Protocol):
         "_count_usage",
         "_discard",
         "_ex",
+        "_gone",
         "_header_bytes",
         "_header_count",
         "_headers",
@@ -247,6 +248,7 @@ class ClientConnection(asyncio.Protocol):
         self._last_activity = 0.0
         self._served = 0
         self._discard = False
+        self._gone = False
         self._reading_blocks = 0
         self._connect_task: asyncio.Task[None] | None = None
         self._reset_request()
@@ -296,8 +298,18 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer = str(peer[0])
-        self._server.connections.add(self)
         self._last_activity = self._loop.time()
+        if len(self._server.connections) >= self._state.settings.server.max_connections:
+            # Over [server] max_connections: say so and close, rather than let a flood of idle
+            # connections exhaust file descriptors and memory.
+            self._gone = self.closing = True
+            self.transport.write(_error(
+                503, "too many connections to airgate ([server] max_connections); retry "
+                "shortly", "too_many_connections", type_="server_error",
+                extra=(("Retry-After", "1"),)))
+            self.transport.close()
+            return
+        self._server.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
         self._last_activity = self._loop.time()
@@ -314,9 +326,21 @@ class ClientConnection(asyncio.Protocol):
             self._fail_local(BAD_REQUEST)
 
     def eof_received(self) -> bool:
-        return False  # a half-closed client is a gone client: close, and abort vLLM's work
+        # A client that closed its side is gone. Act now: a TLS transport's close() waits for
+        # the write buffer to drain and for the TLS shutdown (up to 30 s), and vLLM would go on
+        # generating for a client that will never read it.
+        self._client_gone()
+        if self.transport is not None:
+            self.transport.abort()
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._client_gone()
+
+    def _client_gone(self) -> None:
+        if self._gone:
+            return
+        self._gone = True
         self.closing = True
         self._server.connections.discard(self)
         if self._connect_task is not None:
@@ -453,6 +477,11 @@ class ClientConnection(asyncio.Protocol):
         # Local routes answered by the core itself, without a token.
         if path == b"/healthz" and method == b"GET":
             raise _Reject(self._server.healthz_response(request_id))
+        if ex.version != "1.1":
+            # The body is passed through with HTTP/1.1 framing (chunked), which an HTTP/1.0
+            # client cannot read, and nothing else is HTTP/1.x.
+            raise _Reject(_error(505, f"HTTP/{_printable(ex.version.encode())} is not "
+                                 "supported: use HTTP/1.1", "http_version_not_supported"))
 
         if query and _has_secret_param(query):
             # A secret in the URL ends up in every log on the way; refuse and never log it.

@@ -390,7 +390,8 @@ async def serve(
                 systemd.notify("READY=1", f"STATUS=reload at {when} FAILED (see the log); "
                                "still serving with the previous tokens and certificate")
     systemd.notify("STOPPING=1", "STATUS=draining running requests")
-    loop.remove_signal_handler(signal.SIGUSR1)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+        loop.remove_signal_handler(signum)
     await server.stop(settings.server.drain_timeout)
     await observability.close()
     return 0

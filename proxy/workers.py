@@ -137,8 +137,15 @@ async def _parent(settings: Settings, runtime_dir: Path, ready_fd: int,
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    for signum in (signal.SIGHUP, signal.SIGUSR1):
-        loop.add_signal_handler(signum, _forward, children, signum)
+    loop.add_signal_handler(signal.SIGUSR1, _forward, children, signal.SIGUSR1)
+
+    def reload() -> None:
+        # Each worker reloads itself (and logs a failure); the parent tells systemd.
+        systemd.reloading()
+        _forward(children, signal.SIGHUP)
+        systemd.notify("READY=1", f"STATUS=reload sent to {len(children)} workers")
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
 
     count = settings.server.workers
     ready = 0
@@ -167,9 +174,14 @@ async def _parent(settings: Settings, runtime_dir: Path, ready_fd: int,
         host, _, port = settings.metrics.listen.rpartition(":")
         await web.TCPSite(runner, host.strip("[]") or "127.0.0.1", int(port)).start()
 
+    watchdog = systemd.watchdog_interval()
+    last_ping = loop.time()
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 0.5)
+        if watchdog is not None and loop.time() - last_ping >= watchdog:
+            systemd.notify("WATCHDOG=1")
+            last_ping = loop.time()
         for pid, index in list(children.items()):
             with contextlib.suppress(ChildProcessError):
                 done, status = os.waitpid(pid, os.WNOHANG)  # noqa: ASYNC222 - WNOHANG

@@ -327,7 +327,6 @@ async def test_tls_handshake_timeout(start_proxy: StartProxy, sent: bytes) -> No
     writer.close()
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: [server] max_connections is not enforced")
 async def test_max_connections(
     simulator: RunningSimulator, start_proxy: StartProxy, tls: TLSFiles, tokens: Tokens,
 ) -> None:

@@ -265,9 +265,6 @@ async def test_watchdog_pings_when_asked(start_airgate: StartAirgate) -> None:
     assert time.monotonic() - start < 1.5
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: with [server] workers > 1 the parent "
-                   "(proxy/workers.py _parent) never sends WATCHDOG=1 and the workers have no "
-                   "NOTIFY_SOCKET, so WatchdogSec= kills the service")
 async def test_watchdog_pings_with_workers(start_airgate: StartAirgate) -> None:
     notify = NotifySocket()
     gate = await start_airgate(env=child_env(notify, WATCHDOG_USEC="400000"),
