@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
+
+log = logging.getLogger("airgate.launcher")
 
 STARTING: Final = "starting"
 LOADING: Final = "loading"
@@ -115,3 +119,50 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:  # alive, owned by another user
         return True
     return True
+
+
+class StatusBoard:
+    """The current LauncherStatus, and everyone told of each change: listeners (sd_notify,
+    metrics) and the state file (`airgate status`, a proxy in another process)."""
+
+    def __init__(self, state_file: str, status: LauncherStatus) -> None:
+        self._state_file = state_file
+        self._status = status
+        self._listeners: list[Callable[[LauncherStatus], None]] = []
+        self._backoff_until = 0.0  # time.monotonic() when a backoff ends
+        self._child_pid: int | None = None  # written to the state file, to find it again
+        self._state_file_error = ""
+
+    def status(self) -> LauncherStatus:
+        """The current status; cheap enough to call per request."""
+        status = self._status
+        if status.state == BACKOFF:  # the only value that moves between state changes
+            left = self._backoff_until - time.monotonic()
+            return replace(status, retry_after=retry_after(status, left))
+        return status
+
+    def add_listener(self, callback: Callable[[LauncherStatus], None]) -> None:
+        """`callback(status)`, in the loop, after every change of state, message or progress."""
+        self._listeners.append(callback)
+
+    def _publish(self, state: str, message: str, **changes: Any) -> None:
+        old = self._status
+        since = time.time() if state != old.state else old.since
+        status = replace(old, state=state, message=message, since=since, **changes)
+        left = self._backoff_until - time.monotonic()
+        self._status = status = replace(status, retry_after=retry_after(status, left))
+        if state != old.state:
+            log.info("launcher %s: %s", state, message)
+        try:
+            write_state_file(self._state_file, status, {"child_pid": self._child_pid})
+            self._state_file_error = ""
+        except OSError as error:
+            if str(error) != self._state_file_error:  # once, not at every progress step
+                log.warning("cannot write the state file %s (airgate status will not see this "
+                            "launcher): %s", self._state_file, error)
+                self._state_file_error = str(error)
+        for callback in list(self._listeners):
+            try:
+                callback(self.status())
+            except Exception:
+                log.exception("launcher status listener failed")

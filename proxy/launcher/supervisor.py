@@ -21,7 +21,6 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -42,9 +41,8 @@ from proxy.launcher.status import (
     STOPPED,
     STOPPING,
     LauncherStatus,
+    StatusBoard,
     read_state_file,
-    retry_after,
-    write_state_file,
 )
 from proxy.settings import LauncherSettings
 
@@ -52,12 +50,11 @@ log = logging.getLogger("airgate.launcher")
 vllm_log = logging.getLogger("airgate.vllm")
 
 
-class Supervisor:
+class Supervisor(StatusBoard):
     """Supervises one vLLM as `settings` describe it.
 
     `run(stop)` supervises until `stop` is set (in `fatal` it waits for that too), then stops
-    vLLM and returns; `status()` is cheap enough to call per request; listeners are called, in
-    the loop, after every change of state, message or load progress.
+    vLLM and returns. `status()` and `add_listener()` come from StatusBoard.
 
     `keep_running=True` leaves a container running when stopped, for the next airgate to adopt
     without a model reload (default: the `keep_running_on_exit` setting if there is one, else
@@ -68,54 +65,14 @@ class Supervisor:
         self._settings = settings
         self._keep_running = bool(getattr(settings, "keep_running_on_exit", False)) \
             if keep_running is None else keep_running
-        self._listeners: list[Callable[[LauncherStatus], None]] = []
+        super().__init__(settings.state_file, LauncherStatus(
+            state=STOPPED, message="not started", since=time.time(),
+            runtime=settings.runtime, model=settings.model))
         self._progress = LoadProgress()
         self._tail: deque[str] = deque(maxlen=40)  # last output lines, to explain a crash
         self._secrets: tuple[str, ...] = ()
         self._quick_failures = 0
-        self._backoff_until = 0.0  # time.monotonic()
-        self._child_pid: int | None = None
         self._previous_pid: int | None = None
-        self._state_file_error = ""
-        self._status = LauncherStatus(
-            state=STOPPED, message="not started", since=time.time(),
-            runtime=settings.runtime, model=settings.model)
-
-    # -- what others read -------------------------------------------------------------------
-
-    def status(self) -> LauncherStatus:
-        status = self._status
-        if status.state == BACKOFF:  # the only value that moves between state changes
-            left = self._backoff_until - time.monotonic()
-            return replace(status, retry_after=retry_after(status, left))
-        return status
-
-    def add_listener(self, callback: Callable[[LauncherStatus], None]) -> None:
-        """`callback(status)` after every change of state, message or load progress."""
-        self._listeners.append(callback)
-
-    def _publish(self, state: str, message: str, **changes: Any) -> None:
-        old = self._status
-        since = time.time() if state != old.state else old.since
-        status = replace(old, state=state, message=message, since=since, **changes)
-        left = self._backoff_until - time.monotonic()
-        status = replace(status, retry_after=retry_after(status, left))
-        self._status = status
-        if state != old.state:
-            log.info("launcher %s: %s", state, message)
-        try:
-            write_state_file(self._settings.state_file, status, {"child_pid": self._child_pid})
-            self._state_file_error = ""
-        except OSError as error:
-            if str(error) != self._state_file_error:  # once, not at every progress step
-                log.warning("cannot write the state file %s (airgate status will not see this "
-                            "launcher): %s", self._settings.state_file, error)
-                self._state_file_error = str(error)
-        for callback in list(self._listeners):
-            try:
-                callback(self.status())
-            except Exception:
-                log.exception("launcher status listener failed")
 
     # -- the loop ---------------------------------------------------------------------------
 
