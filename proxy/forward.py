@@ -493,13 +493,14 @@ class ClientConnection(asyncio.Protocol):
         reject = self._server.throttle_check(self.peer)
         if reject is not None:
             raise _Reject(reject)
+        if path == b"/metrics" and method == b"GET" and state.metrics_token is not None:
+            # Its own token ([metrics] token_file), not a client token.
+            raise _Reject(self._server.metrics_on_tls(authorization, self.peer))
         token_name = self._check_auth(authorization)
         ex.token_name = token_name
 
         route = state.routes.get((method, path))
         if route is None:
-            if path == b"/metrics" and method == b"GET" and state.metrics_token is not None:
-                raise _Reject(self._server.metrics_on_tls(authorization))
             raise _Reject(_error(
                 404, f"{ex.method} {_printable(path)} is not served here; airgate forwards only "
                 f"{', '.join(state.settings.upstream.allow)}", "not_found"))

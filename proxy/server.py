@@ -256,11 +256,13 @@ class ProxyServer:
             extra_headers=(("Cache-Control", "no-store"), ("X-Request-Id", request_id.decode())),
         )
 
-    def metrics_on_tls(self, authorization: bytes) -> bytes:
+    def metrics_on_tls(self, authorization: bytes, peer: str) -> bytes:
         token_store = self.state.metrics_token
         scheme, _, token = authorization.partition(b" ")
         if (token_store is None or scheme.lower() != b"bearer"
                 or token_store.lookup(token.strip()) is None or self._metrics_text is None):
+            self.observer_auth_failed("unknown" if authorization else "missing")
+            self.throttle_failure(peer)
             return errors.json_error(401, "/metrics needs the metrics token ([metrics] "
                                      "token_file)", code="invalid_api_key", keep_alive=False,
                                      extra_headers=(("WWW-Authenticate", "Bearer"),))
@@ -342,6 +344,7 @@ async def serve(
     on_started: Callable[[ProxyServer], None] | None = None,
     sockets: list[socket.socket] | None = None,
     metrics_sock: socket.socket | None = None,
+    host_metrics: bool = True,
 ) -> int:
     """Run the proxy until SIGTERM/SIGINT (or `shutdown_trigger`), then drain and stop.
     SIGHUP reloads tokens and certificates; SIGUSR1 reopens the access log (logrotate)."""
@@ -351,7 +354,7 @@ async def serve(
     stop = shutdown_trigger or asyncio.Event()
     reload_requested = asyncio.Event()
     observability = build_observability(settings, model_status=model_status,
-                                        supervisor=supervisor)
+                                        supervisor=supervisor, host_metrics=host_metrics)
     for signum, event in ((signal.SIGTERM, stop), (signal.SIGINT, stop),
                           (signal.SIGHUP, reload_requested)):
         loop.add_signal_handler(signum, event.set)
@@ -430,8 +433,9 @@ def _worker_main(settings: Settings) -> Callable[[int, Path, list[socket.socket]
                 announce_ready(identity[1])
 
         try:
+            # vLLM's relayed metrics, GPU and build info: from the first worker only
             return asyncio.run(serve(
-                settings, sockets=inherited, on_started=started,
+                settings, sockets=inherited, on_started=started, host_metrics=index == 0,
                 metrics_sock=unix_metrics_socket(runtime_dir, index)))
         except STARTUP_ERRORS as error:
             print(f"airgate: worker {index}: {error}", file=sys.stderr)

@@ -125,7 +125,7 @@ class ServerSettings(Section):
 
 
 class MetricsSettings(Section):
-    listen: str = "127.0.0.1:9100"
+    listen: str = "127.0.0.1:9180"
     token_file: str = ""
     usage: bool = True
     upstream_timeout: float = Field(2.0, gt=0)

@@ -43,10 +43,28 @@ def metrics_socket(runtime_dir: Path, index: int) -> Path:
     return runtime_dir / f"metrics-{index}.sock"
 
 
-def merge_families(texts: list[str]) -> list[Metric]:
-    """Add up the samples of every worker's exposition, series by series."""
+SeriesKey = tuple[str, tuple[tuple[str, str], ...]]
+COUNTER_SUFFIXES = ("_total", "_bucket", "_count", "_sum")
+
+
+def parse_counters(text: str) -> dict[SeriesKey, float]:
+    """The monotonic series (counters, histogram parts) of one worker's exposition."""
+    found: dict[SeriesKey, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.type not in ("counter", "histogram", "summary"):
+            continue
+        for sample in family.samples:
+            if sample.name.endswith(COUNTER_SUFFIXES):
+                found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+def merge_families(texts: list[str], carried: dict[SeriesKey, float] | None = None
+                   ) -> list[Metric]:
+    """Add up the samples of every worker's exposition, series by series, plus what workers
+    that have since been replaced had counted (`carried`), so counters never go down."""
     merged: dict[str, Metric] = {}
-    values: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    values: dict[SeriesKey, float] = {}
     for index, text in enumerate(texts):
         for family in text_string_to_metric_families(text):
             shared = family.name.startswith(SHARED_PREFIXES)
@@ -58,9 +76,12 @@ def merge_families(texts: list[str]) -> list[Metric]:
             for sample in family.samples:
                 key = (sample.name, tuple(sorted(sample.labels.items())))
                 values[key] = values.get(key, 0.0) + sample.value
+    for key, value in (carried or {}).items():
+        values[key] = values.get(key, 0.0) + value
     for (name, labels), value in values.items():
-        family_name = _family_of(name, merged)
-        merged[family_name].add_sample(name, dict(labels), value)
+        family = merged.get(_family_of(name, merged))
+        if family is not None:  # a carried series whose family no live worker reports
+            family.add_sample(name, dict(labels), value)
     return list(merged.values())
 
 
@@ -82,20 +103,40 @@ class _Merged:
         return self._families
 
 
-async def scrape_workers(runtime_dir: Path, count: int, wait: float) -> bytes:
-    texts: list[str] = []
-    for index in range(count):
-        connector = aiohttp.UnixConnector(path=str(metrics_socket(runtime_dir, index)))
+class WorkerScraper:
+    """Scrapes every worker at once and keeps the last counters of each, so that when a worker
+    is replaced its counts are carried into the total instead of vanishing (which Prometheus
+    would read as a counter reset and turn into a false spike in rate())."""
+
+    def __init__(self, runtime_dir: Path, count: int, wait: float) -> None:
+        self._runtime_dir = runtime_dir
+        self._count = count
+        self._wait = wait
+        self._last: dict[int, dict[SeriesKey, float]] = {}
+        self.carried: dict[SeriesKey, float] = {}
+
+    def worker_replaced(self, index: int) -> None:
+        for key, value in self._last.pop(index, {}).items():
+            self.carried[key] = self.carried.get(key, 0.0) + value
+
+    async def _one(self, index: int) -> str:
+        connector = aiohttp.UnixConnector(path=str(metrics_socket(self._runtime_dir, index)))
         try:
             async with aiohttp.ClientSession(connector=connector) as session:
                 async with session.get("http://worker/metrics",
-                                       timeout=aiohttp.ClientTimeout(total=wait)) as resp:
-                    texts.append(await resp.text())
+                                       timeout=aiohttp.ClientTimeout(total=self._wait)) as resp:
+                    text = await resp.text()
         except (aiohttp.ClientError, TimeoutError) as error:
             log.warning("worker %d did not answer the metrics scrape: %r", index, error)
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Merged(merge_families(texts)))
-    return generate_latest(registry)
+            return ""
+        self._last[index] = parse_counters(text)
+        return text
+
+    async def scrape(self) -> bytes:
+        texts = await asyncio.gather(*(self._one(index) for index in range(self._count)))
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Merged(merge_families(list(texts), self.carried)))
+        return generate_latest(registry)
 
 
 def run_workers(settings: Settings,
@@ -161,11 +202,12 @@ async def _parent(settings: Settings, runtime_dir: Path, ready_fd: int,
     # `airgate run`: the launcher lives in the parent, once, not in every worker.
     side_task = asyncio.ensure_future(parent_task(stop)) if parent_task is not None else None
     runner: web.AppRunner | None = None
+    scraper = WorkerScraper(runtime_dir, count, settings.metrics.upstream_timeout + 1)
     if settings.metrics.listen:
         app = web.Application()
 
         async def metrics(request: web.Request) -> web.Response:
-            body = await scrape_workers(runtime_dir, count, settings.metrics.upstream_timeout + 1)
+            body = await scraper.scrape()
             return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
 
         app.router.add_get("/metrics", metrics)
@@ -189,6 +231,7 @@ async def _parent(settings: Settings, runtime_dir: Path, ready_fd: int,
                     del children[pid]
                     log.error("worker %d exited (%s); starting it again", index,
                               _describe(status))
+                    scraper.worker_replaced(index)
                     spawn(index)
     systemd.notify("STOPPING=1", "STATUS=draining running requests")
     _forward(children, signal.SIGTERM)

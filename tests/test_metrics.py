@@ -246,8 +246,6 @@ async def test_metrics_on_the_tls_listener(
     assert value(samples, "vllm:num_requests_running", model_name="sim-model") == 0
 
 
-@pytest.mark.xfail(strict=True, reason="the core checks the client tokens file before /metrics, "
-                   "so a metrics token that is not also a client token gets 401")
 async def test_a_dedicated_metrics_token_is_enough_on_the_tls_listener(
     observed: StartObserved, simulator: RunningSimulator, tmp_path: Path,
     client: aiohttp.ClientSession,

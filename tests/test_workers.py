@@ -94,3 +94,5 @@ async def test_two_workers_share_the_port_and_metrics_add_up(
     async with aiohttp.ClientSession(connector=connector) as session:
         async with session.get(url + "/v1/models", headers=auth) as resp:
             assert resp.status == 200
+    # what the dead worker had counted is carried over: the counter did not go down
+    assert await requests_total(metrics_url) == 31
