@@ -43,9 +43,32 @@ def problems(settings: Settings) -> list[str]:
         problem = _readable(key, path)
         if problem:
             found.append(problem)
+    found.extend(launcher_problems(settings))
     if settings.launcher.api_key_file and not settings.upstream.api_key_file:
         found.append("launcher.api_key_file is set but upstream.api_key_file is not: vLLM will "
                      "refuse the proxy; set upstream.api_key_file to the same file")
+    return found
+
+
+def launcher_problems(settings: Settings) -> list[str]:
+    """[launcher] values that can be judged without starting anything (whether docker and the
+    GPUs are there is for `airgate launch` and `airgate doctor`)."""
+    from proxy.launcher.command import LaunchError, check_extra_args
+    from proxy.launcher.presets import preset_flags
+
+    found: list[str] = []
+    try:
+        preset_flags(settings.launcher.preset)
+    except ValueError as error:
+        found.append(str(error))
+    try:
+        check_extra_args(settings.launcher)
+    except LaunchError as error:
+        found.append(str(error))
+    host, port = settings.upstream.hostport
+    if settings.launcher.port != port and host in ("127.0.0.1", "localhost"):
+        found.append(f"launcher.port is {settings.launcher.port} but upstream.url points at port "
+                     f"{port}: make them the same, or the proxy will never reach vLLM")
     return found
 
 

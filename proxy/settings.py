@@ -159,6 +159,9 @@ class LauncherSettings(Section):
     start_timeout: float = Field(1800.0, gt=0)
     stop_timeout: float = Field(30.0, gt=0)
     offline: bool = True
+    # Leave a container running when airgate stops, for the next airgate to adopt without a
+    # model reload (restarts and upgrades become free; `systemctl stop` then leaves vLLM up).
+    keep_running_on_exit: bool = False
     state_file: str = "/run/airgate/launcher.json"
     # Supervision: backoff doubles from backoff_initial up to backoff_max; a run that stayed up
     # stable_after seconds resets it; max_quick_failures crashes in a row (each before

@@ -79,9 +79,9 @@ def merge_families(texts: list[str], carried: dict[SeriesKey, float] | None = No
     for key, value in (carried or {}).items():
         values[key] = values.get(key, 0.0) + value
     for (name, labels), value in values.items():
-        family = merged.get(_family_of(name, merged))
-        if family is not None:  # a carried series whose family no live worker reports
-            family.add_sample(name, dict(labels), value)
+        target = merged.get(_family_of(name, merged))
+        if target is not None:  # None: a carried series whose family no live worker reports
+            target.add_sample(name, dict(labels), value)
     return list(merged.values())
 
 

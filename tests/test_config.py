@@ -165,3 +165,16 @@ def test_cli_help_lists_every_command() -> None:
     for command in ("serve", "run", "launch", "check", "token", "demo"):
         assert command in result.stdout
     assert sys.executable  # the CLI ran under the test interpreter
+
+
+def test_check_catches_launcher_mistakes(tmp_path: Path, tls: TLSFiles, tokens: Tokens) -> None:
+    config = write_config(tmp_path / "airgate.toml", {
+        "listen": {"cert": str(tls.cert_pem), "key": str(tls.cert_pem)},
+        "auth": {"tokens_file": str(tokens.path)},
+        "upstream": {"url": "http://127.0.0.1:8000"},
+        "launcher": {"preset": "mistrall", "port": 8001, "extra_args": ["--port", "9000"]},
+    })
+    result = airgate("check", "--config", str(config))
+    assert result.returncode == 1
+    assert "launcher.preset 'mistrall' is unknown" in result.stderr
+    assert "--port" in result.stderr and "launcher.port is 8001" in result.stderr

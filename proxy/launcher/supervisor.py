@@ -63,8 +63,8 @@ class Supervisor(StatusBoard):
 
     def __init__(self, settings: LauncherSettings, *, keep_running: bool | None = None) -> None:
         self._settings = settings
-        self._keep_running = bool(getattr(settings, "keep_running_on_exit", False)) \
-            if keep_running is None else keep_running
+        self._keep_running = (settings.keep_running_on_exit if keep_running is None
+                              else keep_running)
         super().__init__(settings.state_file, LauncherStatus(
             state=STOPPED, message="not started", since=time.time(),
             runtime=settings.runtime, model=settings.model))
