@@ -87,7 +87,8 @@ def check_files(settings: LauncherSettings) -> dict[str, str]:
     """Secret files are readable (returns their values) and the model cache exists."""
     secrets = read_secrets(settings)
     cache = Path(settings.hf_cache)
-    if not cache.is_dir():
+    # A model given as a local directory (process runtime) does not need the cache.
+    if not cache.is_dir() and not Path(settings.model).is_dir():
         raise LaunchError(f"launcher.hf_cache {cache} is not a directory: create it "
                           f"(mkdir -p {cache}) and put the model there, or fix the path")
     return secrets
