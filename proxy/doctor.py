@@ -31,6 +31,7 @@ import aiohttp
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from proxy.launcher.presets import PRESETS
 from proxy.settings import ConfigError, Settings, load_settings, parse_hostport
 from proxy.state import read_secret
 from proxy.tls import TLSConfigError, build_server_context
@@ -41,7 +42,7 @@ Status = Literal["PASS", "FAIL", "SKIP"]
 TOKEN_ENV = "AIRGATE_TOKEN"
 NO_TOKEN_FIX = f"pass --token-file FILE (a file holding a token) or set {TOKEN_ENV}"
 EXPIRY_MARGIN = timedelta(days=21)
-TOOL_PRESETS = frozenset({"mistral", "hermes", "llama3"})
+AUTO_TOOL_FLAG = "--enable-auto-tool-choice"
 WRONG_TOKEN = "airgate-doctor-deliberately-wrong-token"
 CHAT_PATH = "/v1/chat/completions"
 CONNECT_TIMEOUT = 10.0
@@ -205,6 +206,26 @@ def error_message(body: bytes) -> str:
         return body[:200].decode(errors="replace") or "(empty body)"
 
 
+def describe(error: BaseException) -> str:
+    """A connection error in a few words (aiohttp's own text repeats the address)."""
+    if isinstance(error, aiohttp.ClientConnectorError):
+        error = error.os_error
+    if isinstance(error, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(error, TimeoutError):
+        return "timed out"
+    return str(error) or type(error).__name__
+
+
+def split_fix(message: str) -> tuple[str, str]:
+    """airgate's error messages say the problem, then `; ` or `: ` and the fix."""
+    for separator in ("; ", ": "):
+        detail, found, fix = message.rpartition(separator)
+        if found:
+            return detail, fix
+    return message, ""
+
+
 def token_known(doctor: Doctor) -> bool | None:
     """Whether the token's digest is in auth.tokens_file (None: the file cannot be read)."""
     try:
@@ -246,7 +267,7 @@ async def certificate_matches_key(doctor: Doctor) -> Result:
     try:
         build_server_context(doctor.settings.listen)
     except TLSConfigError as error:
-        detail, _, fix = str(error).partition(": ")
+        detail, fix = split_fix(str(error))
         return failed(detail, fix or "use the key the certificate was issued for")
     return passed(f"listen.key {doctor.settings.listen.key} belongs to the certificate")
 
@@ -311,7 +332,7 @@ async def https_listener(doctor: Doctor) -> Result:
                       f"the listener's certificate is not trusted by {source}: pass --ca FILE "
                       "with the CA that signed it, or reload airgate if the files changed")
     except (OSError, TimeoutError, ssl.SSLError) as error:
-        return failed(f"cannot connect to {host}:{port}: {error or type(error).__name__}",
+        return failed(f"cannot connect to {host}:{port}: {describe(error)}",
                       f"start airgate (`airgate serve --config {doctor.config}` or `systemctl "
                       f"start airgate`), or fix [listen] https ({listen.https})")
     ssl_object = writer.get_extra_info("ssl_object")
@@ -340,7 +361,7 @@ async def http_redirect(doctor: Doctor) -> Result:
                                       allow_redirects=False, timeout=QUICK_TIMEOUT) as response:
             status, location = response.status, response.headers.get("Location", "")
     except (aiohttp.ClientError, TimeoutError) as error:
-        return failed(f"cannot reach http://{url_host(host)}:{port}: {error or 'timeout'}",
+        return failed(f"cannot reach http://{url_host(host)}:{port}: {describe(error)}",
                       "start airgate, or set [listen] http = \"\" if no redirect is wanted")
     if status != 301 or location != wanted:
         return failed(f"http://{url_host(host)}:{port}{path} answered {status} {location!r}, "
@@ -358,7 +379,7 @@ async def vllm_ready(doctor: Doctor) -> Result:
         async with doctor.session.get(url, timeout=QUICK_TIMEOUT) as response:
             status = response.status
     except (aiohttp.ClientError, TimeoutError) as error:
-        return failed(f"nothing answers at {url} ({type(error).__name__})",
+        return failed(f"nothing answers at {url} ({describe(error)})",
                       "vLLM opens its port only once the model is loaded: wait and watch "
                       "`airgate status` (or the container's log), or start it with "
                       f"`airgate run --config {doctor.config}`; check [upstream] url")
@@ -384,7 +405,7 @@ async def vllm_models(doctor: Doctor) -> Result:
         async with doctor.session.get(url, headers=headers, timeout=QUICK_TIMEOUT) as response:
             status, body = response.status, await response.read()
     except (aiohttp.ClientError, TimeoutError) as error:
-        return failed(f"{url}: {type(error).__name__}", "check [upstream] url and vLLM's log")
+        return failed(f"{url}: {describe(error)}", "check [upstream] url and vLLM's log")
     if status == 401:
         sent = "the key in upstream.api_key_file" if headers else "a request without a key"
         return failed(f"vLLM refused {sent} (401)",
@@ -529,11 +550,21 @@ async def streaming(doctor: Doctor) -> Result:
     return passed(timing)
 
 
+def tools_enabled_by(preset: str) -> bool:
+    return AUTO_TOOL_FLAG in PRESETS.get(preset, ())
+
+
+def tools_enabled(settings: Settings) -> bool:
+    launcher = settings.launcher
+    return tools_enabled_by(launcher.preset) or AUTO_TOOL_FLAG in launcher.extra_args
+
+
 async def tool_calling(doctor: Doctor) -> Result:
     preset = doctor.settings.launcher.preset
-    if preset not in TOOL_PRESETS:
-        return skipped(f"[launcher] preset {preset!r} does not enable tool calling (only "
-                       f"{', '.join(sorted(TOOL_PRESETS))} do)")
+    if not tools_enabled(doctor.settings):
+        with_tools = ", ".join(sorted(name for name in PRESETS if tools_enabled_by(name)))
+        return skipped(f"[launcher] preset {preset!r} does not enable tool calling (the presets "
+                       f"{with_tools} do)")
     body = {"model": doctor.model, "max_tokens": 128, "tools": [WEATHER_TOOL],
             "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
             "messages": [{"role": "user", "content": "What is the weather in Paris?"}]}
@@ -598,7 +629,7 @@ async def run_check(doctor: Doctor, name: str, check: Check, needs: tuple[str, .
     try:
         return await check(doctor)
     except (aiohttp.ClientError, TimeoutError, OSError) as error:
-        return failed(f"{type(error).__name__}: {error}",
+        return failed(f"{type(error).__name__}: {describe(error)}",
                       "see the listener and vLLM checks above, and airgate's log")
 
 
