@@ -3,6 +3,7 @@ the stand-in vLLM: all PASS on a good setup, and one FAIL naming the fix for eac
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import re
@@ -18,7 +19,7 @@ from typing import Any
 import pytest
 
 from conftest import StartProxy, TLSFiles, Tokens, free_port
-from proxy.doctor import covers, name_matches
+from proxy.doctor import covers, doctor_main, name_matches
 from proxy.server import ProxyServer
 from proxy.simulator import RunningSimulator
 
@@ -257,6 +258,23 @@ async def test_nothing_listening_fails_the_listener_check(simulator: RunningSimu
     assert report.failed() == ["https listener"], report.output
     assert "airgate serve --config" in report.checks["https listener"][2]
     assert report.status("http redirect") == "SKIP"
+
+
+async def test_token_file_and_ca_arguments(simulator: RunningSimulator, start_proxy: StartProxy,
+                                           tokens: Tokens, tls: TLSFiles, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """`--token-file` and `--ca`, read with getattr until proxy/cli.py defines them."""
+    config = await start_gate(start_proxy, simulator.url, tmp_path)
+    token_file = tmp_path / "kibana-token"
+    token_file.write_text(tokens.kibana + "\n")
+    args = argparse.Namespace(config=config, token_file=token_file, ca=tls.ca_pem)
+    assert await asyncio.to_thread(doctor_main, args) == 0
+    out = capsys.readouterr().out
+    assert f"certificate trusted by --ca {tls.ca_pem}" in out
+    assert "FAIL" not in out and "SKIP" not in out, out
+    missing = argparse.Namespace(config=config, token_file=tmp_path / "nope", ca=None)
+    assert doctor_main(missing) == 2
+    assert "--token-file cannot be read" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- the demo
