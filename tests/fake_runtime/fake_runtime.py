@@ -17,6 +17,10 @@ Environment:
   FAKE_RUNTIME_EXIT_AFTER=S        ... S seconds after it starts (default 0.2) ...
   FAKE_RUNTIME_EXIT_LOG=TEXT       ... after printing TEXT
   FAKE_RUNTIME_LOAD_SECONDS=S      the simulator "loads" for S seconds before it listens
+  FAKE_RUNTIME_IMAGE_STORE=1       images live in $FAKE_RUNTIME_STATE/images: `pull` and
+                                   `load -i` add one, `save -o` writes a tar of one, `image
+                                   inspect [--format]` and `run --pull never` know only those
+                                   (unset: every image but the missing ones is "here")
 A per-run plan in $FAKE_RUNTIME_STATE/plan.json overrides these for the n-th `run`:
   [{"exit_code": 137, "after": 0.2, "log": ["..."], "oom_killed": false, "load_seconds": 0}, {}]
 (an empty object, or running past the list's end, means a healthy container).
@@ -25,12 +29,15 @@ A per-run plan in $FAKE_RUNTIME_STATE/plan.json overrides these for the n-th `ru
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 import uuid
 from pathlib import Path
@@ -373,12 +380,118 @@ def cmd_ps(args: list[str]) -> int:
     return 0
 
 
+# --- image store (FAKE_RUNTIME_IMAGE_STORE=1; `save`/`load` always use it) -------------------
+
+IMAGE_MEMBER = "fake-image.json"
+
+
+def image_path(reference: str) -> Path:
+    base = STATE / "images"
+    base.mkdir(parents=True, exist_ok=True)
+    return base / (hashlib.sha256(reference.encode()).hexdigest()[:16] + ".json")
+
+
+def image_record(reference: str) -> dict[str, Any] | None:
+    try:
+        data: dict[str, Any] = json.loads(image_path(reference).read_text())
+    except (OSError, ValueError):
+        return None
+    return data
+
+
+def store_image(record_: dict[str, Any]) -> None:
+    image_path(record_["reference"]).write_text(json.dumps(record_))
+
+
+def cmd_pull(args: list[str]) -> int:
+    reference = args[-1]
+    digest = hashlib.sha256(f"fake image {reference}".encode()).hexdigest()
+    store_image({"reference": reference, "id": f"sha256:{digest}",
+                 "repo_digests": [f"{reference.rsplit(':', 1)[0]}@sha256:{digest[::-1]}"]})
+    print(f"{reference}: Pulled (fake)")
+    return 0
+
+
+def cmd_save(args: list[str]) -> int:
+    options, names = parse(args, set())
+    target = (options.get("-o") or options.get("--output") or [""])[-1]
+    data = image_record(names[-1]) if names else None
+    if data is None or not target:
+        return fail(f"Error response from daemon: reference does not exist: {names}")
+    payload = json.dumps(data).encode()
+    layer = hashlib.sha256(payload).digest() * 4096  # 128 KiB standing in for the layers
+    with tarfile.open(target, "w") as archive:
+        for name, blob in ((IMAGE_MEMBER, payload), ("layer.bin", layer)):
+            info = tarfile.TarInfo(name)
+            info.size = len(blob)
+            archive.addfile(info, io.BytesIO(blob))
+    return 0
+
+
+def cmd_load(args: list[str]) -> int:
+    options, _ = parse(args, {"-q", "--quiet"})
+    source = (options.get("-i") or options.get("--input") or [""])[-1]
+    try:
+        with tarfile.open(source) as archive:
+            member = archive.extractfile(IMAGE_MEMBER)
+            data = json.loads(member.read()) if member else None
+    except (OSError, KeyError, ValueError, tarfile.TarError) as error:
+        return fail(f"Error: payload does not match the expected format ({error})")
+    if not isinstance(data, dict):
+        return fail("Error: no image in the archive")
+    store_image(data)
+    print(f"Loaded image: {data['reference']}")
+    return 0
+
+
+def cmd_image_inspect(args: list[str]) -> int:
+    options, names = parse(args, set())
+    data = image_record(names[-1]) if names else None
+    if data is None:
+        print("[]")
+        return fail(f"Error: No such image: {names[-1] if names else ''}")
+    fmt = (options.get("--format") or options.get("-f") or [""])[-1]
+    if fmt == "{{.Id}}":
+        print(data["id"])
+    elif fmt == "{{json .RepoDigests}}":
+        print(json.dumps(data["repo_digests"]))
+    else:
+        print(json.dumps([{"Id": data["id"], "RepoTags": [data["reference"]],
+                           "RepoDigests": data["repo_digests"]}]))
+    return 0
+
+
+def image_store_verb(verb: str, args: list[str]) -> int | None:
+    """The image store's answer to this call; None: not its business (carry on as before)."""
+    if verb == "save":
+        return cmd_save(args)
+    if verb == "load":
+        return cmd_load(args)
+    if not os.environ.get("FAKE_RUNTIME_IMAGE_STORE"):
+        return None
+    if verb == "pull":
+        return cmd_pull(args)
+    if verb == "image" and args[:1] == ["inspect"]:
+        return cmd_image_inspect(args[1:])
+    if verb == "run":
+        options, rest = parse(args, RUN_FLAGS)
+        if rest and image_record(rest[0]) is None:
+            if "never" in options.get("--pull", []):
+                return fail(f"Error: {rest[0]}: image not known (Unable to find image "
+                            f"'{rest[0]}' locally, and --pull never)", 125)
+            cmd_pull([rest[0]])
+    return None
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] == ["__shim"]:
         return shim(argv[1])
     if argv[:1] != ["run"]:
         record(argv)
     verb, args = (argv[0], argv[1:]) if argv else ("", [])
+    answer = image_store_verb(verb, args)
+    if answer is not None:
+        return answer
     if verb == "version":
         if os.environ.get("FAKE_RUNTIME_BROKEN"):
             print(f"Client:\n Version: 0.0-fake ({PROG})")
