@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--print", action="store_true", dest="print_only",
         help="print the exact command (secrets masked) and exit",
     )
+    parsers["doctor"].add_argument("--token-file", type=Path,
+                                   help="a file holding a bearer token (else $AIRGATE_TOKEN)")
+    parsers["doctor"].add_argument("--ca", type=Path,
+                                   help="CA file to trust (default: the configured certificate)")
     parsers["kibana"].add_argument("--json", action="store_true",
                                    help="print the connector as a Kibana API body")
     demo = parsers["demo"]

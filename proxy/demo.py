@@ -35,12 +35,17 @@ def write_demo_files(directory: Path, host: str, port: int, upstream: str) -> tu
         'cert = "server.pem"\nkey = "server.pem"\n\n'
         '[auth]\ntokens_file = "tokens"\n\n'
         f'[upstream]\nurl = "{upstream}"\n\n'
-        '[metrics]\nlisten = "127.0.0.1:0"\n'
+        '[metrics]\nlisten = "127.0.0.1:0"\n\n'
+        "# what the stand-in serves (read by `airgate doctor` and `airgate kibana`)\n"
+        f'[launcher]\nmodel = "{MODEL}"\n'
     )
+    token_file = directory / "token"
+    token_file.write_text(token + "\n")
+    token_file.chmod(0o600)
     return config, token
 
 
-def instructions(url: str, ca: Path, token: str) -> str:
+def instructions(url: str, ca: Path, token: str, config: Path) -> str:
     body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Hello world"}]})
     stream_body = json.dumps({"model": MODEL, "stream": True,
                               "messages": [{"role": "user", "content": "Tell me a story"}]})
@@ -49,6 +54,7 @@ airgate demo is running: {url} -> a stand-in vLLM (model "{MODEL}") on loopback.
 
   token (shown once): {token}
   CA certificate:     {ca}
+  config:             {config}
 
 Kibana's connector test request:
   curl --cacert {ca} {url}/v1/chat/completions \\
@@ -67,6 +73,9 @@ Python (openai SDK):
     messages=[{{"role": "user", "content": "Hello world"}}]).choices[0].message.content)'
 
 Readiness: curl --cacert {ca} {url}/healthz
+Check it end to end (while the demo runs):
+  {Path(sys.executable).parent / "airgate"} doctor --config {config} \\
+    --token-file {config.parent / "token"}
 Press Ctrl-C to stop.
 """
 
@@ -82,7 +91,7 @@ async def run_demo(host: str, port: int) -> int:
 
         def started(server: ProxyServer) -> None:
             url = f"https://{host}:{server.https_port}"
-            print(instructions(url, directory / "ca.pem", token), flush=True)
+            print(instructions(url, directory / "ca.pem", token, config), flush=True)
             print(f"Metrics (Prometheus): curl http://127.0.0.1:{server.metrics_port}/metrics\n"
                   "Access log: below, in Nginx's combined format (token name as the user).\n",
                   flush=True)

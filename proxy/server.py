@@ -277,8 +277,10 @@ class ProxyServer:
             f"{listen.server_name}:{https_port}")
 
         async def redirect(request: web.Request) -> web.StreamResponse:
-            # Nginx's `return 301 https://$server_name$request_uri`: path and query unchanged.
-            raise web.HTTPMovedPermanently(f"https://{authority}{request.raw_path}")
+            # Nginx's `return 301 https://$server_name$request_uri`: the request target byte
+            # for byte (HTTPMovedPermanently would normalise it through yarl).
+            return web.Response(status=301, headers={
+                "Location": f"https://{authority}{request.raw_path}"})
 
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", redirect)

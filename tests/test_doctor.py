@@ -317,8 +317,6 @@ def test_doctor_passes_against_the_demo(demo: tuple[Path, str]) -> None:
         "http redirect"]
 
 
-@pytest.mark.xfail(strict=True, reason="proxy/demo.py does not write [launcher] model = "
-                   '"demo-model" into its config; remove this mark once it does')
 def test_demo_config_names_the_model_it_serves(demo: tuple[Path, str]) -> None:
     config, token = demo
     result = subprocess.run(
