@@ -15,6 +15,7 @@ answered here with an OpenAI-shaped JSON error and never reaches vLLM.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import os
@@ -471,7 +472,7 @@ class ClientConnection(asyncio.Protocol):
             forwarded = [(n, v) for n, v in forwarded if n not in listed]
 
         if not _valid_request_id(request_id):
-            request_id = os.urandom(16).hex().encode()
+            request_id = _new_request_id()
         ex.request_id = request_id.decode("latin-1")
 
         # Local routes answered by the core itself, without a token.
@@ -993,6 +994,25 @@ class ClientConnection(asyncio.Protocol):
         self._reset_request()
         self._served += 1
         self._last_activity = self._loop.time()
+
+
+# Request ids: a random per-process prefix and a counter, 32 hex digits like a UUID's. Unique
+# without a getrandom() system call per request (they identify, they are not secrets).
+_id_prefix = os.urandom(8).hex()
+_id_counter = itertools.count(1)
+
+
+def _new_request_id() -> bytes:
+    return f"{_id_prefix}{next(_id_counter):016x}".encode()
+
+
+def _reseed_request_ids() -> None:
+    global _id_prefix, _id_counter  # each forked worker gets its own prefix
+    _id_prefix = os.urandom(8).hex()
+    _id_counter = itertools.count(1)
+
+
+os.register_at_fork(after_in_child=_reseed_request_ids)
 
 
 def _valid_request_id(value: bytes) -> bool:

@@ -65,6 +65,7 @@ class ProxyServer:
         self.health = HealthChecker(settings.upstream, _upstream_authorization(settings))
         self.throttle = FailureThrottle(settings.auth)
         self.limits = TokenLimits(settings.auth)
+        self.limits_enabled = self.limits.enabled  # read per request: a plain attribute
         self.connections: set[ClientConnection] = set()
         self.cut_on_drain = 0
         self.https_port = 0
@@ -224,7 +225,7 @@ class ProxyServer:
         self.throttle.failure(peer, self.loop.time())
 
     def limits_acquire(self, exchange: Exchange) -> None:
-        if not self.limits.enabled:
+        if not self.limits_enabled:
             return
         from proxy.forward import _Reject  # the core's own signal for "answer locally"
 
