@@ -27,6 +27,7 @@ from proxy import errors, systemd
 from proxy.auth import FailureThrottle, TokenLimits
 from proxy.exchange import Exchange, ExchangeObserver, NullObserver
 from proxy.forward import PHASE_IDLE, ClientConnection
+from proxy.memory import BurstTrimmer, limit_arenas
 from proxy.settings import ConfigError, Settings, load_settings, parse_hostport
 from proxy.state import ModelStatus, ProxyState, read_secret
 from proxy.tls import TLSConfigError, build_server_context
@@ -67,6 +68,7 @@ class ProxyServer:
         self.limits = TokenLimits(settings.auth)
         self.limits_enabled = self.limits.enabled  # read per request: a plain attribute
         self.connections: set[ClientConnection] = set()
+        self.trimmer = BurstTrimmer()
         self.cut_on_drain = 0
         self.https_port = 0
         self.http_port = 0
@@ -201,6 +203,8 @@ class ProxyServer:
             for conn in list(self.connections):
                 if not conn.closing:
                     conn.check_timeouts(now)
+            self.pool.prune()
+            self.trimmer.observe(len(self.connections))
             self._sweep_handle = self.loop.call_later(interval, sweep)
 
         self._sweep_handle = self.loop.call_later(interval, sweep)
@@ -322,6 +326,7 @@ def configure_logging(settings: Settings) -> None:
 
 
 def install_uvloop() -> None:
+    limit_arenas()
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency; asyncio still works

@@ -10,7 +10,6 @@ vLLM's accept queue.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -61,9 +60,19 @@ class UpstreamPool:
         else:
             conn.close()
 
-    def forget(self, conn: UpstreamConnection) -> None:
-        with contextlib.suppress(ValueError):
-            self._idle.remove(conn)
+    def prune(self) -> None:
+        """Close idle connections past their reuse time and drop the ones vLLM closed, so a
+        burst's thousand idle sockets are not kept until the next request happens by."""
+        now = self._loop.time()
+        if not self._idle:
+            return
+        keep: deque[UpstreamConnection] = deque()
+        for conn in self._idle:
+            if conn.reusable(now, self.idle_timeout):
+                keep.append(conn)
+            else:
+                conn.close()
+        self._idle = keep
 
     async def connect(self, factory: Callable[[], UpstreamConnection]) -> UpstreamConnection:
         """Open a new connection; raises OSError (refused, unreachable) or TimeoutError."""
