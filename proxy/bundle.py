@@ -253,7 +253,9 @@ def _image_present(settings: LauncherSettings, manifest: Manifest) -> bool:
         return True
     binary = bundle_image.runtime_binary(settings)
     found = bundle_image.image_id(binary, str(manifest.image["reference"]))
-    return found is not None and found == manifest.image["id"]
+    # docker writes the id as sha256:HEX, podman as HEX: the same digest of the image's config.
+    return found is not None and \
+        found.removeprefix("sha256:") == str(manifest.image["id"]).removeprefix("sha256:")
 
 
 def unbundle(directory: Path, settings: LauncherSettings) -> tuple[bool, int]:
