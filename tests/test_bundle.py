@@ -54,7 +54,7 @@ def tiny_model(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def settings(tmp_path: Path, fake: FakeRuntime) -> LauncherSettings:
-    return make_settings(tmp_path, fake, model=MODEL, image=IMAGE)
+    return make_settings(tmp_path, fake, seed_cache=False, model=MODEL, image=IMAGE)
 
 
 @pytest.fixture

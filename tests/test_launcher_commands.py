@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fake_runtime.harness import API_KEY, HF_TOKEN, free_port
+from fake_runtime.harness import API_KEY, HF_TOKEN, free_port, seed_hf_cache
 
 from proxy.launcher.commands import launch_main, status_main
 from proxy.launcher.status import read_state_file
@@ -26,6 +26,7 @@ def write_config(tmp_path: Path, **launcher: Any) -> Path:
     (tmp_path / "api_key").write_text(API_KEY + "\n")
     (tmp_path / "hf_token").write_text(HF_TOKEN + "\n")
     (tmp_path / "cache").mkdir(exist_ok=True)
+    seed_hf_cache(tmp_path / "cache", launcher.get("model", "mistralai/Test"))
     values: dict[str, Any] = {
         "runtime": "process", "vllm_command": SIMULATOR, "model": "mistralai/Test",
         "port": free_port(), "hf_cache": "cache", "api_key_file": "api_key",

@@ -43,6 +43,7 @@ async def airgate_run(tmp_path: Path, tls: TLSFiles, tokens: Tokens
             "extra_args": ["--load-seconds", "1", "--ttft", "0.01"],
             "state_file": str(tmp_path / "launcher.json"), "health_interval": 0.2,
             "backoff_initial": 0.5, "stop_timeout": 5, "hf_cache": str(tmp_path),
+            "offline": False,  # the stand-in has no weights to find in the cache
         },
     })
     process = subprocess.Popen(  # noqa: ASYNC220 - Popen returns at once

@@ -7,12 +7,14 @@ GPUs than tensor_parallel_size, an unreadable secret file, a port someone else h
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import shutil
 import socket
 from pathlib import Path
 
+from proxy.launcher import offline
 from proxy.launcher.command import LaunchCommand, LaunchError, build_command, gpu_ids, read_secrets
 from proxy.launcher.runtime import run_quiet
 from proxy.settings import LauncherSettings
@@ -113,4 +115,7 @@ async def check_all(settings: LauncherSettings, binary: str) -> LaunchCommand:
     """Every check that does not depend on what is running, then the command they allow."""
     await check_runtime(settings, binary)
     await check_gpus(settings)
+    # offline: the model must already be in hf_cache (the image was checked with the runtime);
+    # scan_cache_dir reads the disk, so off the loop
+    await asyncio.to_thread(offline.check_model, settings)
     return build_command(settings, check_files(settings), binary)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -99,8 +100,28 @@ def install_fake_runtime(tmp_path: Path, monkeypatch: Any) -> FakeRuntime:
     return fake
 
 
-def make_settings(tmp_path: Path, fake: FakeRuntime | None = None,
-                  **overrides: Any) -> LauncherSettings:
+def seed_hf_cache(cache: Path, model: str) -> None:
+    """Lay `model` out in the Hugging Face cache as a download would (blob, snapshot link,
+    refs/main), so the launcher's offline pre-start check finds it."""
+    if "/" not in model or Path(model).is_absolute():
+        return
+    repo = cache / "hub" / ("models--" + model.replace("/", "--"))
+    content = b'{"architectures": ["LlamaForCausalLM"]}'
+    blob = hashlib.sha256(content).hexdigest()
+    revision = hashlib.sha1(model.encode()).hexdigest()
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    (repo / "blobs" / blob).write_bytes(content)
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True, exist_ok=True)
+    link = snapshot / "config.json"
+    if not link.is_symlink():
+        link.symlink_to(Path("..") / ".." / "blobs" / blob)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)
+
+
+def make_settings(tmp_path: Path, fake: FakeRuntime | None = None, *,
+                  seed_cache: bool = True, **overrides: Any) -> LauncherSettings:
     """Launcher settings for a test: fast intervals, a free port, secrets in files."""
     secrets = tmp_path / "secrets"
     secrets.mkdir(exist_ok=True)
@@ -108,6 +129,8 @@ def make_settings(tmp_path: Path, fake: FakeRuntime | None = None,
     (secrets / "hf_token").write_text(HF_TOKEN + "\n")
     cache = tmp_path / "hf-cache"
     cache.mkdir(exist_ok=True)
+    if seed_cache:  # as if the model had been downloaded (or unbundled) already
+        seed_hf_cache(cache, overrides.get("model", "mistralai/Test-Model"))
     runtime = overrides.get("runtime", "docker")
     values: dict[str, Any] = {
         "runtime": runtime,
