@@ -60,7 +60,7 @@ RESPONSE_DROP = HOP_BY_HOP | {b"x-request-id", b"content-length"}
 
 MAX_ERROR_BODY = 256 * 1024          # upstream error bodies are buffered to normalise them
 PENDING_HIGH_WATER = 1024 * 1024     # request bytes held while connecting before we pause
-RETRY_COPY_LIMIT = 64 * 1024         # requests up to this size can be retried once
+RETRY_COPY_LIMIT = 1024 * 1024       # requests up to this size can be retried once
 
 CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -683,10 +683,8 @@ class ClientConnection(asyncio.Protocol):
             if self._reading_blocks and self._pending_size > PENDING_HIGH_WATER:
                 self.resume_client_reading()
             self._pending_size = 0
-        if self._retry_copy is not None and upstream.used > 1:
+        if self._retry_copy is not None:
             self._retry_copy.append(data)
-        else:
-            self._retry_copy = None
         assert upstream.transport is not None
         upstream.transport.write(data)
 
@@ -741,6 +739,7 @@ class ClientConnection(asyncio.Protocol):
     def upstream_headers_complete(self, upstream: UpstreamConnection) -> None:
         ex = self._ex
         assert ex is not None and self.transport is not None
+        self._retry_copy = None  # answered: nothing to retry, let the request bytes go
         parser = upstream._parser
         status = parser.get_status_code()
         # Read now: llhttp forgets the message's keep-alive state once the message completes.
@@ -866,8 +865,11 @@ class ClientConnection(asyncio.Protocol):
             return
         ex = self._ex
         if self._resp_mode == 0 and self._retry_copy is not None and self._request_done:
-            # A reused connection that vLLM closed before answering: the request never got
-            # anywhere, and we still hold all of it, so one retry on a new connection is safe.
+            # vLLM closed the connection without a byte of answer: a pooled socket it had just
+            # timed out, or an engine that died. We still hold the whole request (references,
+            # not copies), so it goes once more on a new connection: a live vLLM answers it; a
+            # dead one refuses the connection, and the client gets 503 + Retry-After instead
+            # of a 502 while the launcher restarts it.
             data = b"".join(self._retry_copy)
             self._retry_copy = None
             self._pending = [data[len(self._upstream_head):]]

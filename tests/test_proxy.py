@@ -487,3 +487,22 @@ async def test_many_concurrent_streams(gate: Gate, client: aiohttp.ClientSession
 
     counts = await asyncio.gather(*(one() for _ in range(100)))
     assert counts == [7] * 100
+
+
+async def test_engine_dying_under_a_request_gives_503_not_502(
+    start_proxy: StartProxy, tokens: Tokens, client: aiohttp.ClientSession
+) -> None:
+    # The engine dies while a request waits for its first token: vLLM's connection closes
+    # without an answer. airgate sends the request once more on a new connection, which is
+    # refused while the launcher restarts vLLM: "not ready, retry" (503), not a 502.
+    sim = await start_simulator(SimulatorConfig(ttft=0.0))
+    server = await start_proxy(sim.url, upstream={"health_interval": 60})
+    url = f"https://127.0.0.1:{server.https_port}" + CHAT
+    auth = {"Authorization": f"Bearer {tokens.kibana}", "x-sim-ttft": "30"}
+    pending = asyncio.ensure_future(client.post(url, json=KIBANA_TEST_BODY, headers=auth))
+    await sim.stats.wait_for(lambda: bool(reached_vllm(sim)))
+    await sim.close()  # cuts the running request's connection, stops listening
+    resp = await pending
+    assert resp.status == 503
+    assert 1 <= int(resp.headers["Retry-After"]) <= 30
+    resp.release()
