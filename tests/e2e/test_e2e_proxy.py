@@ -126,6 +126,10 @@ def test_client_hangup_stops_generation(airgate: Airgate, vllm: Vllm) -> None:
     max_tokens = MAX_MODEL_LEN - 100
     body = json.dumps(chat_body("Tell me a long story", stream=True, max_tokens=max_tokens))
     host, port = airgate.url.removeprefix("https://").split(":")
+    generated: list[float] = []
+    # vLLM's CPU server sometimes holds a stream back and generates most of it before the first
+    # bytes go out (seen directly too); a hang-up then has little left to stop. So up to four
+    # tries: one must show the abort. Without it every try generates all max_tokens.
     for _ in range(4):
         before = wait_idle(vllm)
         conn = http.client.HTTPSConnection(host, int(port), context=airgate.ssl_context,
@@ -139,17 +143,13 @@ def test_client_hangup_stops_generation(airgate: Airgate, vllm: Vllm) -> None:
             line = response.readline()
             assert line, "stream ended early"
             seen += line.startswith(b"data: ")
-        at_hangup = vllm.metrics()["vllm:generation_tokens_total"] - before
         conn.sock.close()
         conn.close()
-        grown = wait_idle(vllm) - before
-        if at_hangup > max_tokens / 2:
-            continue  # vLLM held the stream back and had generated most of it already
+        generated.append(wait_idle(vllm) - before)
         # Generating max_tokens takes ~3 s here; an abort within ~1 s leaves most ungenerated.
-        assert grown < max_tokens * 2 / 3, f"vLLM generated {grown} of {max_tokens} after a " \
-            f"hang-up at {at_hangup}"
-        return
-    pytest.skip("vLLM generated most of the answer before the first bytes arrived, 4 times")
+        if generated[-1] < max_tokens * 2 / 3:
+            return
+    pytest.fail(f"vLLM generated {generated} of {max_tokens} tokens after each hang-up")
 
 
 # ------------------------------------------------------------------ errors
