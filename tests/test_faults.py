@@ -296,7 +296,7 @@ async def test_upstream_dies_mid_stream_client_sees_clean_end(
     await still_serves(gate.server, tls, gate.token)
 
 
-@pytest.mark.parametrize("mode,status", [("bad-response", 502), ("close", 502),
+@pytest.mark.parametrize("mode,status", [("bad-response", 502), ("close", 503),
                                          ("empty-500", 500), ("flat-error", 400)])
 async def test_broken_upstream_answers_leave_the_proxy_serving(
     gate: Gate, tls: TLSFiles, mode: str, status: int

@@ -327,7 +327,7 @@ async def test_healthz_reports_ready_without_a_token(
     assert reached_vllm(gate.sim) == []
 
 
-@pytest.mark.parametrize("mode,status", [("bad-response", 502), ("close", 502),
+@pytest.mark.parametrize("mode,status", [("bad-response", 502), ("close", 503),
                                          ("empty-500", 500)])
 async def test_broken_upstream_answers_are_json_errors(
     gate: Gate, client: aiohttp.ClientSession, mode: str, status: int
