@@ -179,8 +179,10 @@ class UpstreamConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
-    def reset_parser(self) -> None:
-        self._parser = httptools.HttpResponseParser(self)
+    def discard(self) -> None:
+        """Close without handing anything more to the owner (it has given up on us)."""
+        self.owner = None
+        self.close()
 
 
 class ClientConnection(asyncio.Protocol):
@@ -353,8 +355,7 @@ class ClientConnection(asyncio.Protocol):
             # The client left mid-exchange: close vLLM's connection now so it aborts the
             # generation and frees the GPU slot (it only notices a real TCP close).
             if upstream is not None:
-                upstream.owner = None
-                upstream.close()
+                upstream.discard()
                 upstream = None
             if not ex.aborted:
                 ex.aborted = (PHASE_STREAMING if self._resp_mode else
@@ -546,11 +547,7 @@ class ClientConnection(asyncio.Protocol):
             return
         ex.body_in += len(body)
         if ex.body_in > self._state.max_body:
-            upstream = self.upstream
-            if upstream is not None:  # vLLM got part of a body it must never finish reading
-                upstream.owner = None
-                upstream.close()
-                self.upstream = None
+            self._drop_upstream()  # vLLM got part of a body it must never finish reading
             raise _Reject(_error(
                 413, f"request body is over the limit of {self._state.max_body} bytes: raise "
                 "[upstream] max_body", "request_too_large"))
@@ -626,13 +623,19 @@ class ClientConnection(asyncio.Protocol):
     # ======================================================================================
     # upstream: connect, send, receive
     # ======================================================================================
+    def _drop_upstream(self) -> None:
+        """Close vLLM's connection for good: its framing or its answer is not wanted."""
+        upstream = self.upstream
+        self.upstream = None
+        if upstream is not None:
+            upstream.discard()
+
     def _start_upstream(self, body: bytes = b"") -> None:
         upstream = self.upstream
         if upstream is not None and not upstream.reusable(self._loop.time(),
                                                           self._pool.idle_timeout):
-            upstream.owner = None
-            upstream.close()
-            upstream = self.upstream = None
+            self._drop_upstream()
+            upstream = None
         if upstream is None:
             upstream = self._pool.take_idle()
         if upstream is not None:
@@ -853,9 +856,7 @@ class ClientConnection(asyncio.Protocol):
             self.transport.close()
         self._finish_exchange()
         if not upstream.keep_alive:
-            upstream.owner = None
-            upstream.close()
-            self.upstream = None
+            self._drop_upstream()
 
     def upstream_lost(self, upstream: UpstreamConnection, exc: Exception | None) -> None:
         if upstream is not self.upstream:
@@ -905,11 +906,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _bad_upstream_response(self, message: str) -> None:
         ex = self._ex
-        upstream = self.upstream
-        self.upstream = None
-        if upstream is not None:
-            upstream.owner = None
-            upstream.close()
+        self._drop_upstream()
         if ex is None:
             return
         ex.upstream_error = "bad_response"
@@ -972,11 +969,7 @@ class ClientConnection(asyncio.Protocol):
         ex = self._ex
         assert ex is not None
         ex.upstream_error = "timeout"
-        upstream = self.upstream
-        self.upstream = None
-        if upstream is not None:
-            upstream.owner = None
-            upstream.close()
+        self._drop_upstream()
         if self._resp_mode == 0:
             self._fail_local(_error(
                 504, f"vLLM sent nothing for {self._state.settings.upstream.read_timeout:g} s "
