@@ -329,3 +329,38 @@ def write(path: Path, tables: list[Table], info: dict[str, str], mode: str, seco
 
 def table_json(tables: list[Table]) -> list[dict[str, Any]]:
     return [t.__dict__ for t in tables]
+
+
+README_START = "<!-- bench:start (written by `make bench` from bench/results/LATEST.md) -->"
+README_END = "<!-- bench:end -->"
+README_CHART = "stream_arrivals.png"
+
+
+def readme_section(latest_md: str) -> str:
+    """The README's benchmark block: the run's header line, its targets table and one chart,
+    taken from LATEST.md so the two never disagree."""
+    header = latest_md.split("\n\n")[1] if "\n\n" in latest_md else ""
+    run = header.split("(", 1)[-1].split(")", 1)[0]  # "full mode, 10.3 minutes"
+    machine_lines = latest_md.split("## Machine\n\n", 1)[-1].split("\n\n", 1)[0].splitlines()
+    cpu = next((line.removeprefix("- CPU: ") for line in machine_lines
+                if line.startswith("- CPU:")), "")
+    source = next((line.removeprefix("- airgate: ") for line in machine_lines
+                   if line.startswith("- airgate:")), "")
+    table = latest_md.split("## Targets (issue 6)\n\n", 1)[-1].split("\n\n", 1)[0]
+    return "\n".join([
+        README_START,
+        f"Last run ({run}; {cpu}; airgate {source}), from `bench/results/LATEST.md`:",
+        "", table, "",
+        f"![When each chunk of a stream reaches the client](bench/results/{README_CHART})",
+        README_END])
+
+
+def update_readme(readme: Path, latest: Path) -> bool:
+    """Rewrite the block between the markers; False when the README has no markers."""
+    text = readme.read_text()
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        return False
+    new = text[:start] + readme_section(latest.read_text()) + text[end + len(README_END):]
+    readme.write_text(new)
+    return True

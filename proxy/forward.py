@@ -882,11 +882,10 @@ class ClientConnection(asyncio.Protocol):
             # Twice without a byte of answer: the engine is going down or restarting (a dying
             # vLLM's listening socket still accepts for a moment). "Retry shortly" is what the
             # client should hear; the launcher's log says why.
-            ex.upstream_error = "reset"
-            self._fail_local(_error(
-                503, "vLLM closed the connection without answering: the model server is "
-                "restarting or has crashed (see the launcher's log); retry in 5 s",
-                "model_not_ready", type_="server_error", extra=(("Retry-After", "5"),)))
+            # Same state, same answer as a refused connection: one message for clients.
+            self._upstream_unavailable(
+                "reset", "vLLM closed the connection without answering (restarting or "
+                "crashed; see the launcher's log)", 5)
             return
         # Mid-stream: vLLM died. End the client's stream cleanly at a chunk boundary with an
         # SSE error event (vLLM's own way of reporting errors after a 200), or cut it.
