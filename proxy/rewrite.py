@@ -25,12 +25,18 @@ _COMPLETION = re.compile(rb'"completion_tokens":(\d+)')
 _MODEL = re.compile(rb'"model":"([^"\\]{1,256})"')
 _FINISH = re.compile(rb'"finish_reason":"([a-z_]{1,32})"')
 USAGE_ONLY_MARK = b'"choices":[]'
+# A `"stream"` key set to true: an unescaped `"stream"` followed by `:` can only be a key (in a
+# string value the quotes are escaped), so this never misses a streamed request. A nested key
+# of that name only costs a parse; the top-level value is checked after it.
+_STREAM_TRUE = re.compile(rb'"stream"\s*:\s*true')
 
 
 def rewrite_request(body: bytes, *, want_usage: bool, alias: str,
                     served: str) -> tuple[bytes, bool, str]:
     """(body to send, whether airgate added include_usage, the model asked for)."""
-    if b'"stream"' not in body and not (alias and alias.encode() in body):
+    # Parse only when something may change: most requests (Kibana's non-streamed ones) are
+    # passed untouched without a JSON parse, which cost ~5% of a short request's CPU.
+    if not ((want_usage and _STREAM_TRUE.search(body)) or (alias and alias.encode() in body)):
         return body, False, ""
     try:
         request = json.loads(body)

@@ -29,7 +29,14 @@ import aiohttp
 import pytest
 import trustme
 
-from conftest import KIBANA_TEST_BODY, TLSFiles, Tokens, sse_events, write_config
+from conftest import (
+    KIBANA_TEST_BODY,
+    TLSFiles,
+    Tokens,
+    children_of,
+    sse_events,
+    write_config,
+)
 from proxy.server import serve
 from proxy.settings import load_settings
 from proxy.simulator import RunningSimulator
@@ -273,6 +280,37 @@ async def test_watchdog_pings_with_workers(start_airgate: StartAirgate) -> None:
     gate.notify = notify
     await notify.wait_for("READY", limit=STARTUP)
     assert (await notify.wait_for("WATCHDOG", limit=1.0))["WATCHDOG"] == "1"
+
+
+async def test_workers_exit_when_their_parent_is_killed(start_airgate: StartAirgate) -> None:
+    # SIGKILL (the OOM killer, a hard stop) cannot be forwarded: the workers must not go on
+    # serving unsupervised and holding the port.
+    notify = NotifySocket()
+    gate = await start_airgate(env=child_env(notify), server={"workers": 2})
+    gate.notify.close()
+    gate.notify = notify
+    await notify.wait_for("READY", limit=STARTUP)  # sent once every worker listens
+    workers = children_of(gate.process.pid)
+    assert len(workers) == 2
+    gate.process.kill()
+    await gate.process.wait()
+    deadline = time.monotonic() + 10
+    while _running(workers):
+        assert time.monotonic() < deadline, "workers outlived their killed parent"
+        await asyncio.sleep(0.05)
+
+
+def _running(pids: list[int]) -> list[int]:
+    """Those of `pids` that still run (a zombie waiting for init to reap it does not)."""
+    alive = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        if state != "Z":
+            alive.append(pid)
+    return alive
 
 
 async def test_no_watchdog_pings_for_another_pid(start_airgate: StartAirgate) -> None:

@@ -105,6 +105,29 @@ async def test_usage_off_forwards_the_body_untouched(
     assert seen.body_length == len(raw) and "stream_options" not in seen.json
 
 
+async def test_usage_on_passes_non_streamed_bodies_byte_for_byte(
+    simulator: RunningSimulator, start_proxy: StartProxy, tokens: Tokens,
+    client: aiohttp.ClientSession,
+) -> None:
+    # Only a streamed request is rewritten (to ask for usage); the rest reach vLLM as sent,
+    # even when "stream" appears in a message or is false.
+    url, recorder = await _proxy(start_proxy, simulator)
+    raw = (b'{ "model" : "sim-model",\n "stream" :false, "max_tokens": 2, "messages": '
+           b'[{"role": "user", "content": "say \\"stream\\": true"}]}')
+    async with client.post(url + CHAT, data=raw, headers={
+            "Authorization": f"Bearer {tokens.kibana}", "Content-Type": "application/json"}) as r:
+        assert r.status == 200
+        await r.read()
+    seen = last_request(simulator)
+    assert seen.body_length == len(raw) and "stream_options" not in seen.json
+    assert recorder.finished[-1].completion_tokens == 2  # still counted, from the answer
+    streamed = raw.replace(b'"stream" :false', b'"stream" :\n true')
+    async with client.post(url + CHAT, data=streamed, headers={
+            "Authorization": f"Bearer {tokens.kibana}", "Content-Type": "application/json"}) as r:
+        await r.read()
+    assert last_request(simulator).json["stream_options"] == {"include_usage": True}
+
+
 async def test_model_alias_is_rewritten_and_listed(
     simulator: RunningSimulator, start_proxy: StartProxy, tokens: Tokens,
     client: aiohttp.ClientSession,
