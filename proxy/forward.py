@@ -15,10 +15,7 @@ answered here with an OpenAI-shaped JSON error and never reaches vLLM.
 from __future__ import annotations
 
 import asyncio
-import itertools
-import json
 import logging
-import os
 import time
 from typing import TYPE_CHECKING, cast
 
@@ -26,6 +23,7 @@ import httptools
 
 from proxy import errors
 from proxy.exchange import PHASE_REQUEST, PHASE_STREAMING, PHASE_WAITING, Exchange
+from proxy.request_head import has_secret_param, new_request_id, printable, valid_request_id
 from proxy.rewrite import (
     REWRITE_LIMIT,
     USAGE_ROUTES,
@@ -34,6 +32,7 @@ from proxy.rewrite import (
     read_usage,
     rewrite_request,
 )
+from proxy.upstream_connection import UpstreamConnection
 
 if TYPE_CHECKING:
     from proxy.server import ProxyServer
@@ -90,99 +89,6 @@ HEADERS_TOO_LARGE = _error(431, "request headers too large (see [server] max_hea
 REQUEST_TIMEOUT = _error(408, "the request was not received in time (see [server] "
                          "header_timeout)", "request_timeout")
 BEARER = (("WWW-Authenticate", "Bearer"),)
-
-
-class UpstreamConnection(asyncio.Protocol):
-    """One keep-alive HTTP/1.1 connection to vLLM. It parses responses only to find where each
-    ends (and to read the head); the bytes go to the owning client connection untouched."""
-
-    __slots__ = ("_parser", "closed", "idle_since", "keep_alive", "owner", "transport", "used")
-
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.owner: ClientConnection | None = None
-        self._parser = httptools.HttpResponseParser(self)
-        self.idle_since = 0.0
-        self.closed = False
-        self.keep_alive = True
-        self.used = 0
-
-    # -- asyncio.Protocol --------------------------------------------------------------------
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports implement asyncio.Transport without subclassing it
-        self.transport = cast(asyncio.Transport, transport)
-
-    def data_received(self, data: bytes) -> None:
-        owner = self.owner
-        if owner is None:  # vLLM spoke while idle: nothing to deliver it to, drop the socket
-            self.close()
-            return
-        owner.upstream_data(self, data)
-
-    def eof_received(self) -> bool:
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        owner = self.owner
-        if owner is not None:
-            owner.upstream_lost(self, exc)
-
-    def pause_writing(self) -> None:
-        if self.owner is not None:
-            self.owner.pause_client_reading()
-
-    def resume_writing(self) -> None:
-        if self.owner is not None:
-            self.owner.resume_client_reading()
-
-    # -- httptools response callbacks: routed to the owning client connection ----------------
-    def on_header(self, name: bytes, value: bytes) -> None:
-        owner = self.owner
-        if owner is not None:
-            if owner._resp_headers is None:
-                owner._resp_headers = []
-            owner._resp_headers.append((name.lower(), value))
-
-    def on_headers_complete(self) -> None:
-        if self.owner is not None:
-            self.owner.upstream_headers_complete(self)
-
-    def on_body(self, body: bytes) -> None:
-        # Only answers that are buffered (errors, /v1/models with an alias) or re-framed
-        # (streams with airgate's usage chunk to cut) collect the decoded body; the rest pass
-        # through as raw bytes in ClientConnection.upstream_data.
-        owner = self.owner
-        if owner is not None:
-            sink = owner._resp_sink
-            if sink is not None:
-                sink.append(body)
-
-    def on_message_complete(self) -> None:
-        if self.owner is not None:
-            self.owner._resp_done = True
-
-    def on_chunk_header(self) -> None:
-        if self.owner is not None:
-            self.owner._resp_in_chunk = True
-
-    def on_chunk_complete(self) -> None:
-        if self.owner is not None:
-            self.owner._resp_in_chunk = False
-
-    # -- helpers -------------------------------------------------------------------------------
-    def reusable(self, now: float, idle_timeout: float) -> bool:
-        return not self.closed and now - self.idle_since < idle_timeout
-
-    def close(self) -> None:
-        self.closed = True
-        if self.transport is not None:
-            self.transport.abort()
-
-    def discard(self) -> None:
-        """Close without handing anything more to the owner (it has given up on us)."""
-        self.owner = None
-        self.close()
 
 
 class ClientConnection(asyncio.Protocol):
@@ -472,8 +378,8 @@ class ClientConnection(asyncio.Protocol):
             listed = {item.strip().lower() for item in connection_tokens.split(b",")}
             forwarded = [(n, v) for n, v in forwarded if n not in listed]
 
-        if not _valid_request_id(request_id):
-            request_id = _new_request_id()
+        if not valid_request_id(request_id):
+            request_id = new_request_id()
         ex.request_id = request_id.decode("latin-1")
 
         # Local routes answered by the core itself, without a token.
@@ -482,10 +388,10 @@ class ClientConnection(asyncio.Protocol):
         if ex.version != "1.1":
             # The body is passed through with HTTP/1.1 framing (chunked), which an HTTP/1.0
             # client cannot read, and nothing else is HTTP/1.x.
-            raise _Reject(_error(505, f"HTTP/{_printable(ex.version.encode())} is not "
+            raise _Reject(_error(505, f"HTTP/{printable(ex.version.encode())} is not "
                                  "supported: use HTTP/1.1", "http_version_not_supported"))
 
-        if query and _has_secret_param(query):
+        if query and has_secret_param(query):
             # A secret in the URL ends up in every log on the way; refuse and never log it.
             self._server.observer_auth_failed("malformed")
             raise _Reject(_error(
@@ -504,7 +410,7 @@ class ClientConnection(asyncio.Protocol):
         route = state.routes.get((method, path))
         if route is None:
             raise _Reject(_error(
-                404, f"{ex.method} {_printable(path)} is not served here; airgate forwards only "
+                404, f"{ex.method} {printable(path)} is not served here; airgate forwards only "
                 f"{', '.join(state.settings.upstream.allow)}", "not_found"))
         ex.route = route
         if content_length > state.max_body:
@@ -838,7 +744,8 @@ class ClientConnection(asyncio.Protocol):
         elif mode == 2:
             body = b"".join(self._resp_sink or ())
             if ex.status >= 400:
-                response = _normalise_error(ex.status, body, ex.request_id, self._keep_alive)
+                response = errors.normalise_upstream_error(ex.status, body, ex.request_id,
+                                                           self._keep_alive)
                 if ex.status == 401:
                     ex.upstream_error = "bad_response"
             else:
@@ -994,92 +901,7 @@ class ClientConnection(asyncio.Protocol):
         self._last_activity = self._loop.time()
 
 
-# Request ids: a random per-process prefix and a counter, 32 hex digits like a UUID's. Unique
-# without a getrandom() system call per request (they identify, they are not secrets).
-_id_prefix = os.urandom(8).hex()
-_id_counter = itertools.count(1)
-
-
-def _new_request_id() -> bytes:
-    return f"{_id_prefix}{next(_id_counter):016x}".encode()
-
-
-def _reseed_request_ids() -> None:
-    global _id_prefix, _id_counter  # each forked worker gets its own prefix
-    _id_prefix = os.urandom(8).hex()
-    _id_counter = itertools.count(1)
-
-
-os.register_at_fork(after_in_child=_reseed_request_ids)
-
-
-def _valid_request_id(value: bytes) -> bool:
-    return 0 < len(value) <= 128 and all(33 <= byte < 127 for byte in value)
-
-
-SECRET_PARAMS = frozenset({b"token", b"access_token", b"api_key", b"apikey", b"key", b"bearer",
-                           b"auth", b"authorization", b"password"})
-
-
-def _has_secret_param(query: bytes) -> bool:
-    return any(part.partition(b"=")[0].lower() in SECRET_PARAMS for part in query.split(b"&"))
-
-
-def _printable(path: bytes) -> str:
-    text = path[:200].decode("latin-1")
-    return "".join(ch if ch.isprintable() else "?" for ch in text)
-
-
 def _refused_reason(error: OSError) -> str:
     if isinstance(error, ConnectionRefusedError):
         return "vLLM is not accepting connections yet (the model is loading or not started)"
     return f"cannot reach vLLM ({error.strerror or error})"
-
-
-def _normalise_error(status: int, body: bytes, request_id: str, keep_alive: bool) -> bytes:
-    """vLLM's error bodies in the one shape Kibana reads: {"error": {"message", ...}}.
-
-    vLLM <= 0.10.0 sends {"object":"error","message":...}; newer ones nest it; an engine that
-    died sends an empty 500; vLLM's own 401 means airgate's upstream key is wrong — the client's
-    token was fine, so that must not reach the client as a 401.
-    """
-    message = ""
-    type_ = "server_error" if status >= 500 else "invalid_request_error"
-    code: str | int | None = status
-    param = None
-    try:
-        data = json.loads(body) if body else None
-    except ValueError:
-        data = None
-    if isinstance(data, dict):
-        inner = data.get("error")
-        if isinstance(inner, dict):
-            message = str(inner.get("message", ""))
-            type_ = str(inner.get("type", type_))
-            code = inner.get("code", code)
-            param = inner.get("param")
-        elif isinstance(inner, str):
-            message = inner
-        elif "message" in data:
-            message = str(data["message"])
-            type_ = str(data.get("type", type_))
-            code = data.get("code", code)
-            param = data.get("param")
-    if status == 401:
-        status = 502
-        type_ = "server_error"
-        code = "upstream_auth"
-        message = ("vLLM refused airgate's key: set [upstream] api_key_file to the same key "
-                   "vLLM was started with (VLLM_API_KEY / [launcher] api_key_file)")
-    elif not message:
-        if status >= 500:
-            message = (f"the model server failed with {status} and no details (the engine may "
-                       "have died; see the launcher's log)")
-        else:
-            message = body[:500].decode("utf-8", "replace") or f"vLLM answered {status}"
-    payload = json.dumps(
-        {"error": {"message": message, "type": type_, "param": param, "code": code}},
-        separators=(",", ":"),
-    ).encode()
-    return errors.response_bytes(status, payload, keep_alive=keep_alive,
-                                 extra_headers=(("X-Request-Id", request_id),))

@@ -417,15 +417,26 @@ def _load(args: argparse.Namespace) -> Settings | None:
 
 
 def serve_main(args: argparse.Namespace) -> int:
+    """`airgate serve`: the proxy alone."""
+    return _main(args, with_launcher=False)
+
+
+def run_main(args: argparse.Namespace) -> int:
+    """`airgate run`: the launcher and the proxy."""
+    return _main(args, with_launcher=True)
+
+
+def _main(args: argparse.Namespace, *, with_launcher: bool) -> int:
     settings = _load(args)
     if settings is None:
         return 2
     configure_logging(settings)
-    if settings.server.workers > 1:
-        return run_workers(settings, _worker_main(settings))
+    if settings.server.workers > 1:  # the launcher runs once, in the parent
+        return run_workers(settings, _worker_main(settings),
+                           _launcher_task(settings) if with_launcher else None)
     install_uvloop()
     try:
-        return asyncio.run(serve(settings))
+        return asyncio.run(run_all(settings) if with_launcher else serve(settings))
     except STARTUP_ERRORS as error:
         print(f"airgate: {error}", file=sys.stderr)
         return 1
@@ -450,21 +461,6 @@ def _worker_main(settings: Settings) -> Callable[[int, Path, list[socket.socket]
             return 1
 
     return main
-
-
-def run_main(args: argparse.Namespace) -> int:
-    settings = _load(args)
-    if settings is None:
-        return 2
-    configure_logging(settings)
-    if settings.server.workers > 1:
-        return run_workers(settings, _worker_main(settings), _launcher_task(settings))
-    install_uvloop()
-    try:
-        return asyncio.run(run_all(settings))
-    except STARTUP_ERRORS as error:
-        print(f"airgate: {error}", file=sys.stderr)
-        return 1
 
 
 def _launcher_task(settings: Settings) -> Callable[[asyncio.Event], Awaitable[None]]:

@@ -22,7 +22,7 @@ import aiohttp
 from proxy.settings import UpstreamSettings
 
 if TYPE_CHECKING:
-    from proxy.forward import UpstreamConnection
+    from proxy.upstream_connection import UpstreamConnection
 
 log = logging.getLogger(__name__)
 
