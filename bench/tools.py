@@ -35,6 +35,13 @@ def ensure_debian() -> list[str]:
     return [name for name in APT if shutil.which(name) is None]
 
 
+def ensure_perf() -> None:
+    """perf (Debian's linux-perf) for the profile's split by kind; optional."""
+    if shutil.which("perf") is None:
+        log = WORK / "apt.log"
+        _run(["apt-get", "install", "-y", "-q", "--no-install-recommends", "linux-perf"], log)
+
+
 def ensure_matplotlib() -> bool:
     try:
         import matplotlib
