@@ -804,11 +804,7 @@ class ClientConnection(asyncio.Protocol):
                      b'answer","type":"server_error","param":null,"code":502}}\n\n'
                      b"data: [DONE]\n\n")
             transport.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(event), event))
-        self._resp_done = True
-        self.closing = True
-        if transport is not None:
-            transport.close()
-        self._finish_exchange()
+        self._cut_client()
 
     def _bad_upstream_response(self, message: str) -> None:
         ex = self._ex
@@ -819,11 +815,16 @@ class ClientConnection(asyncio.Protocol):
         if self._resp_mode == 0:
             self._fail_local(_error(502, message, "bad_gateway", type_="server_error"))
         else:
-            self._resp_done = True
-            self.closing = True
-            if self.transport is not None:
-                self.transport.close()
-            self._finish_exchange()
+            self._cut_client()
+
+    def _cut_client(self) -> None:
+        """The answer has begun and cannot be finished: close the client's connection (the
+        client sees a truncated body, never a second status line)."""
+        self._resp_done = True
+        self.closing = True
+        if self.transport is not None:
+            self.transport.close()
+        self._finish_exchange()
 
     def _upstream_unavailable(self, kind: str, reason: str, retry_after: int) -> None:
         ex = self._ex
@@ -881,11 +882,7 @@ class ClientConnection(asyncio.Protocol):
                 504, f"vLLM sent nothing for {self._state.settings.upstream.read_timeout:g} s "
                 "([upstream] read_timeout)", "upstream_timeout", type_="server_error"))
         else:
-            self._resp_done = True
-            self.closing = True
-            if self.transport is not None:
-                self.transport.close()
-            self._finish_exchange()
+            self._cut_client()
 
     def _finish_exchange(self) -> None:
         ex = self._ex
