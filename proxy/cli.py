@@ -24,7 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check": ("proxy.check:check_main", "validate a config and print the effective settings"),
     "token": ("proxy.tokens:token_main", "manage bearer tokens"),
     "demo": ("proxy.demo:demo_main", "a proxy with a built-in stand-in vLLM on 127.0.0.1:8443"),
-    "import-nginx": ("proxy.nginx_import:import_main", "translate the seed's Nginx config"),
+    "import-nginx": ("proxy.nginx_import:import_main",
+                     "translate the Elastic guide's Nginx site (and docker run line)"),
     "kibana": ("proxy.kibana:kibana_main", "print Kibana connector settings"),
     "doctor": ("proxy.doctor:doctor_main", "check a running setup end to end"),
     "bundle": ("proxy.bundle:bundle_main", "save the vLLM image and model for an air gap"),
@@ -56,26 +57,35 @@ def build_parser() -> argparse.ArgumentParser:
     parsers["kibana"].add_argument("--json", action="store_true",
                                    help="print the connector as a Kibana API body")
     demo = parsers["demo"]
-    demo.add_argument("--port", type=int, default=8443)
-    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=8443, help="HTTPS port (default 8443)")
+    demo.add_argument("--host", default="127.0.0.1",
+                      help="address to listen on (default 127.0.0.1)")
 
     token = parsers["token"].add_subparsers(dest="token_command", required=True)
     new = token.add_parser("new", help="create a token, print it once, append its digest")
-    new.add_argument("name")
-    new.add_argument("--file", "-f", type=Path, required=True)
+    new.add_argument("name", help="the name logs and metrics show for this token (e.g. kibana)")
+    new.add_argument("--file", "-f", type=Path, required=True,
+                     help="the tokens file ([auth] tokens_file); created 0600 if missing")
 
     nginx = parsers["import-nginx"]
-    nginx.add_argument("file", type=Path)
-    nginx.add_argument("--docker-command", type=Path)
-    nginx.add_argument("--tokens-file", type=Path, default=Path("tokens"))
+    nginx.add_argument("file", type=Path, help="the Nginx site config (e.g. "
+                       "/etc/nginx/sites-enabled/default)")
+    nginx.add_argument("--docker-command", type=Path,
+                       help="a file holding the guide's `docker run ...` line: fills [launcher]")
+    nginx.add_argument("--tokens-file", type=Path, default=Path("tokens"),
+                       help="where the bearer token's digest is written (default: ./tokens); "
+                       "secrets from the docker line go beside it")
 
     bundle = parsers["bundle"]
     _add_config(bundle)
-    bundle.add_argument("--out", type=Path)
-    bundle.add_argument("--model-dir", type=Path)
-    bundle.add_argument("--verify", type=Path, metavar="DIR")
+    bundle.add_argument("--out", type=Path, help="directory to write the bundle into "
+                        "(an interrupted run resumes there)")
+    bundle.add_argument("--model-dir", type=Path, help="take the model from this local "
+                        "directory instead of downloading it from the Hugging Face Hub")
+    bundle.add_argument("--verify", type=Path, metavar="DIR",
+                        help="re-check every checksum of an existing bundle and exit")
     unbundle = parsers["unbundle"]
-    unbundle.add_argument("dir", type=Path)
+    unbundle.add_argument("dir", type=Path, help="the bundle directory carried in")
     _add_config(unbundle)
     return parser
 

@@ -407,6 +407,7 @@ class ClientConnection(asyncio.Protocol):
         token_name = self._check_auth(authorization)
         ex.token_name = token_name
 
+        # A request refused before this point counts under route "other": it was not served.
         route = state.routes.get((method, path))
         if route is None:
             raise _Reject(_error(
@@ -515,6 +516,7 @@ class ClientConnection(asyncio.Protocol):
         ex = self._ex
         if ex is not None and ex.status == 0 and response:
             ex.status = int(response[9:12])
+            ex.body_out = len(response) - response.find(b"\r\n\r\n") - 4  # as Nginx logs it
         self._keep_alive = False
         self._resp_done = True
         transport = self.transport

@@ -309,8 +309,10 @@ def ca_comment(wiring: Wiring) -> list[str]:
     else:
         what = f"the certificate is {trust.detail}: copy that CA's certificate to the Kibana " \
                "host at this path."
+    # Paths must survive copy and paste: never break a line inside one.
     return textwrap.wrap("Kibana must trust the proxy's CA: " + what, width=88,
-                         initial_indent="# ", subsequent_indent="# ")
+                         initial_indent="# ", subsequent_indent="# ",
+                         break_on_hyphens=False, break_long_words=False)
 
 
 def kibana_yml(wiring: Wiring) -> str:

@@ -112,8 +112,14 @@ def append_token(path: Path, name: str) -> str:
     if path.exists() and name in TokenStore.load(path).names:
         raise TokenFileError(f"{path} already has a token named {name!r}; pick another name "
                              "or delete that line first to rotate it")
+    if not path.parent.is_dir():
+        raise TokenFileError(f"directory {path.parent} does not exist: create it first "
+                             f"(install -d -m 0750 {path.parent}) or pass another --file")
     token = new_token()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    except OSError as error:
+        raise TokenFileError(f"cannot write {path}: {error.strerror}") from error
     with os.fdopen(fd, "a") as handle:
         if handle.tell() > 0 and not path.read_text().endswith("\n"):
             handle.write("\n")

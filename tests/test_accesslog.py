@@ -117,7 +117,8 @@ async def settle(obs: Observability) -> None:
     assert obs.access_log.flush()
 
 
-async def some_traffic(url: str, tokens: Tokens, client: aiohttp.ClientSession) -> None:
+async def some_traffic(url: str, tokens: Tokens, client: aiohttp.ClientSession) -> int:
+    """Three requests: a plain one, a stream, a wrong token; returns the 401's body size."""
     headers = {"Authorization": f"Bearer {tokens.kibana}", "User-Agent": 'node "fetch"',
                "Referer": "https://kibana.example/app/x?secret=abc"}
     async with client.post(url + CHAT + "?debug=1", json=KIBANA_TEST_BODY,
@@ -130,6 +131,7 @@ async def some_traffic(url: str, tokens: Tokens, client: aiohttp.ClientSession) 
     async with client.post(url + CHAT, json=KIBANA_TEST_BODY,
                            headers={"Authorization": "Bearer wrong-token"}) as resp:
         assert resp.status == 401
+        return len(await resp.read())
 
 
 async def test_combined_lines_parse_with_elastics_nginx_grok(
@@ -139,7 +141,7 @@ async def test_combined_lines_parse_with_elastics_nginx_grok(
     log_file = tmp_path / "access.log"
     url, obs = await logged(simulator.url, log={"access": "combined",
                                                 "access_file": str(log_file)})
-    await some_traffic(url, tokens, client)
+    refused_size = await some_traffic(url, tokens, client)
     await settle(obs)
     lines = log_file.read_text().splitlines()
     assert len(lines) == 3
@@ -158,6 +160,8 @@ async def test_combined_lines_parse_with_elastics_nginx_grok(
     assert stream["http.response.status_code"] == "200"
     assert "user.name" not in refused  # "-": no token matched
     assert refused["http.response.status_code"] == "401"
+    # the bytes of airgate's own JSON error, as Nginx logs the body it sends
+    assert int(refused["http.response.body.bytes"]) == refused_size > 0
     text = log_file.read_text()
     for secret in (tokens.kibana, "wrong-token", "secret=abc", "debug=1", "Hello world"):
         assert secret not in text

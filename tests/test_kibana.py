@@ -111,6 +111,17 @@ def test_self_signed_certificate_is_named(tmp_path: Path, ca: trustme.CA,
     assert "xpack.actions.customHostSettings:" in out
 
 
+def test_certificate_path_is_never_broken_across_lines(
+    tmp_path: Path, ca: trustme.CA, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A long path with hyphens: the operator copies it from the comment as one piece.
+    home = tmp_path / "very-long-directory-name-for-the-airgate-test" / "etc-airgate-tls-files"
+    home.mkdir(parents=True)
+    append_token(home / "tokens", "kibana")
+    _, out, _ = run_kibana(write_config(home, ca, self_signed=True), capsys)
+    assert str(home / "fullchain.pem") in out.replace("\n# ", " ").split()
+
+
 def test_port_alias_and_served_name(tmp_path: Path, ca: trustme.CA,
                                     capsys: pytest.CaptureFixture[str]) -> None:
     append_token(tmp_path / "tokens", "kibana")

@@ -191,6 +191,20 @@ async def test_launch_status_and_sigterm(launcher: tuple[Launcher, Path]) -> Non
     assert code == 3 and text.startswith("state:    stopped")
 
 
+async def test_reload_and_log_signals_do_not_stop_the_launcher(
+    launcher: tuple[Launcher, Path]
+) -> None:
+    # `systemctl reload`/logrotate aimed at the wrong unit must not take the model down.
+    proc, config = launcher
+    await proc.until_logged("launcher ready: ready")
+    for signum in (signal.SIGHUP, signal.SIGUSR1):
+        proc.proc.send_signal(signum)
+        await proc.until_logged(f"{signal.Signals(signum).name}: the launcher has nothing")
+    assert proc.proc.returncode is None
+    code, text = await status_of(config)
+    assert code == 0 and text.startswith("state:    ready since"), text
+
+
 async def test_a_killed_launcher_leaves_no_vllm_behind(launcher: tuple[Launcher, Path]) -> None:
     proc, config = launcher
     await proc.until_logged("launcher ready: ready")

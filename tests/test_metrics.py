@@ -129,6 +129,7 @@ async def test_scrape_counts_real_traffic(
     assert value(samples, requests, token="kibana", route=CHAT, status="2xx") == 2
     assert value(samples, requests, token="ops", route=CHAT, status="2xx") == 1
     assert value(samples, requests, token="ops", route="/v1/models", status="2xx") == 1
+    # refused by auth: not served by any route, so "other", and the token as "-"
     assert value(samples, requests, token="-", route="other", status="4xx") == 3
     assert value(samples, requests, token="ops", route="other", status="4xx") == 1
     for reason in ("missing", "malformed", "unknown"):

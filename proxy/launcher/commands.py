@@ -69,6 +69,9 @@ async def _launch(settings: LauncherSettings) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)  # the work happens in the loop, not here
+    # A reload or log-reopen signal meant for the proxy must not kill the model server.
+    for signum in (signal.SIGHUP, signal.SIGUSR1):
+        loop.add_signal_handler(signum, _nothing_to_reload, signum)
     gave_up = False
 
     def on_change(status: LauncherStatus) -> None:
@@ -89,9 +92,14 @@ async def _launch(settings: LauncherSettings) -> int:
         await supervisor.run(stop)
     finally:
         helper.cancel()
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             loop.remove_signal_handler(signum)
     return 1 if gave_up else 0
+
+
+def _nothing_to_reload(signum: int) -> None:
+    log.info("%s: the launcher has nothing to reload (it reads [launcher] at start); "
+             "restart it to apply a changed config", signal.Signals(signum).name)
 
 
 def _tell_systemd(status: LauncherStatus) -> None:
