@@ -1,9 +1,11 @@
 """`airgate check`: validate a config the way start-up would, without starting anything.
 
 Files readable, certificate matches key, ports parse, tokens file well-formed, secrets files
-present. Prints the effective settings (paths resolved; secrets are only ever file paths, and
-inline-looking ones in extra_args are masked). The launcher's runtime and GPUs are checked at
-launch and by `airgate doctor`, not here.
+present; every problem found is reported, not only the first. Secret files that are empty or
+still hold the guide's placeholder are warned about (the check still passes). Prints the
+effective settings (paths resolved; secrets are only ever file paths, and inline-looking ones
+in extra_args are masked). The launcher's runtime and GPUs are checked at launch and by
+`airgate doctor`, not here.
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import ssl
 import sys
 
-from proxy.settings import ConfigError, Settings, load_settings, masked
+from proxy.migrate.findings import looks_like_placeholder
+from proxy.settings import ConfigError, ListenSettings, Settings, load_settings, masked
 from proxy.tls import TLSConfigError, build_server_context
 from proxy.tokens import TokenFileError, TokenStore
 
@@ -24,22 +28,91 @@ def _readable(key: str, path: str) -> str | None:
     return None
 
 
-def problems(settings: Settings) -> list[str]:
-    found: list[str] = []
+def _unreadable_pem(label: str, path: str) -> str | None:
     try:
-        build_server_context(settings.listen)
-    except TLSConfigError as error:
-        found.append(str(error))
-    try:
-        TokenStore.load(settings.auth.tokens_file)
-    except TokenFileError as error:
-        found.append(f"auth.tokens_file: {error}")
-    for key, path in (
+        with open(path, "rb"):
+            pass
+    except OSError as error:  # worded as proxy.tls words it at start-up
+        return (f"{label} = {path!r} cannot be read ({error.strerror}); point it at the PEM "
+                "file (e.g. Let's Encrypt's fullchain.pem / privkey.pem) and make it readable "
+                "by airgate")
+    return None
+
+
+def tls_problems(listen: ListenSettings) -> list[str]:
+    """Every problem with the listener's files, not only the first that start-up would stop
+    at: each unreadable file, a client CA that does not load, and (once both are readable) a
+    certificate and key that do not load or do not match."""
+    found = [problem for problem in (_unreadable_pem("listen.cert", listen.cert),
+                                     _unreadable_pem("listen.key", listen.key)) if problem]
+    if not found:
+        try:
+            build_server_context(listen.model_copy(update={"client_ca": ""}))
+        except TLSConfigError as error:
+            found.append(str(error))
+    if listen.client_ca:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_verify_locations(cafile=listen.client_ca)
+        except (OSError, ssl.SSLError) as error:
+            found.append(f"listen.client_ca {listen.client_ca!r} cannot be loaded: {error}; "
+                         "give a PEM bundle of the CA that signs client certificates")
+    return found
+
+
+def secret_files(settings: Settings) -> list[tuple[str, str]]:
+    return [
         ("upstream.api_key_file", settings.upstream.api_key_file),
         ("metrics.token_file", settings.metrics.token_file),
         ("launcher.api_key_file", settings.launcher.api_key_file),
         ("launcher.hf_token_file", settings.launcher.hf_token_file),
-    ):
+    ]
+
+
+# What belongs in each secret file (and the other way out), for the warnings below.
+SECRET_FIXES = {
+    "upstream.api_key_file": ("the key vLLM requires (VLLM_API_KEY)", ""),
+    "launcher.api_key_file": ("the key vLLM is to require (VLLM_API_KEY)", ""),
+    "launcher.hf_token_file": ("your Hugging Face token", ", or set launcher.hf_token_file = "
+                               "\"\" for a model that needs none"),
+    "metrics.token_file": ("the token Prometheus is to send", ""),
+}
+
+
+def secret_warnings(settings: Settings) -> list[str]:
+    """Secret files that start-up would read as they are but that hold no real secret yet: empty,
+    or still the guide's placeholder (`xxxx`, `<secret token>`: what `airgate import-nginx`
+    warns about). Never shows a file's content."""
+    keys_by_path: dict[str, list[str]] = {}
+    for key, path in secret_files(settings):
+        if path:
+            keys_by_path.setdefault(path, []).append(key)
+    found: list[str] = []
+    for path, keys in keys_by_path.items():
+        try:
+            with open(path, encoding="utf-8") as handle:
+                value = handle.read().strip()
+        except (OSError, UnicodeDecodeError):
+            continue  # unreadable: a problem, reported by problems()
+        names = " and ".join(keys)
+        what, other = SECRET_FIXES[keys[0]]
+        if not value:
+            found.append(f"{names}: the file {path!r} is empty: write {what} into it{other}")
+        elif looks_like_placeholder(value):
+            found.append(f"{names}: the file {path!r} still holds a placeholder (like the "
+                         f"guide's xxxx), not a real secret: replace its content with {what}"
+                         f"{other}")
+    return found
+
+
+def problems(settings: Settings) -> list[str]:
+    """Every problem found, each naming the key and the fix; none: start-up would get going."""
+    found = tls_problems(settings.listen)
+    try:
+        TokenStore.load(settings.auth.tokens_file)
+    except TokenFileError as error:
+        found.append(f"auth.tokens_file: {error}")
+    for key, path in secret_files(settings):
         problem = _readable(key, path)
         if problem:
             found.append(problem)
@@ -82,6 +155,8 @@ def check_main(args: argparse.Namespace) -> int:
     print(json.dumps(masked(settings), indent=2))
     for problem in found:
         print(f"airgate: {problem}", file=sys.stderr)
+    for warning in secret_warnings(settings):
+        print(f"airgate: warning: {warning}", file=sys.stderr)
     if found:
         return 1
     print(f"airgate: {args.config} is valid", file=sys.stderr)

@@ -45,7 +45,7 @@ def write_demo_files(directory: Path, host: str, port: int, upstream: str) -> tu
     return config, token
 
 
-def instructions(url: str, ca: Path, token: str, config: Path) -> str:
+def instructions(url: str, ca: Path, token: str, config: Path, metrics_port: int) -> str:
     body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Hello world"}]})
     stream_body = json.dumps({"model": MODEL, "stream": True,
                               "messages": [{"role": "user", "content": "Tell me a story"}]})
@@ -76,6 +76,10 @@ Readiness: curl --cacert {ca} {url}/healthz
 Check it end to end (while the demo runs):
   {Path(sys.executable).parent / "airgate"} doctor --config {config} \\
     --token-file {config.parent / "token"}
+
+Metrics (Prometheus): curl http://127.0.0.1:{metrics_port}/metrics
+Access log: below, in Nginx's combined format (token name as the user).
+
 Press Ctrl-C to stop.
 """
 
@@ -91,9 +95,7 @@ async def run_demo(host: str, port: int) -> int:
 
         def started(server: ProxyServer) -> None:
             url = f"https://{host}:{server.https_port}"
-            print(instructions(url, directory / "ca.pem", token, config), flush=True)
-            print(f"Metrics (Prometheus): curl http://127.0.0.1:{server.metrics_port}/metrics\n"
-                  "Access log: below, in Nginx's combined format (token name as the user).\n",
+            print(instructions(url, directory / "ca.pem", token, config, server.metrics_port),
                   flush=True)
 
         try:

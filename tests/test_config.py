@@ -127,6 +127,69 @@ def test_check_names_unreadable_files(tmp_path: Path, tls: TLSFiles) -> None:
     assert "airgate token new" in result.stderr
 
 
+def test_check_reports_every_file_problem_at_once(tmp_path: Path, tls: TLSFiles) -> None:
+    config = write_config(tmp_path / "airgate.toml", {
+        "listen": {"cert": str(tmp_path / "missing.pem"), "key": str(tmp_path / "missing.key"),
+                   "client_ca": str(tmp_path / "missing-ca.pem")},
+        "auth": {"tokens_file": str(tmp_path / "no-tokens")},
+        "upstream": {"api_key_file": str(tmp_path / "no-key")},
+        "launcher": {"hf_token_file": str(tmp_path / "no-hf-token")},
+    })
+    result = airgate("check", "--config", str(config))
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.startswith("airgate: ")]
+    for wanted in (f"listen.cert = '{tmp_path / 'missing.pem'}' cannot be read",
+                   f"listen.key = '{tmp_path / 'missing.key'}' cannot be read",
+                   f"listen.client_ca '{tmp_path / 'missing-ca.pem'}' cannot be loaded",
+                   "auth.tokens_file:",
+                   "upstream.api_key_file = ",
+                   "launcher.hf_token_file = "):
+        assert sum(wanted in line for line in lines) == 1, (wanted, result.stderr)
+    assert "make it readable by airgate" in result.stderr  # each names its fix
+    assert "is valid" not in result.stderr
+
+
+def test_check_reports_a_bad_client_ca_beside_a_bad_certificate(
+        tmp_path: Path, tls: TLSFiles, tokens: Tokens) -> None:
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a PEM file\n")
+    config = write_config(tmp_path / "airgate.toml", {
+        "listen": {"cert": str(garbage), "key": str(tls.cert_pem), "client_ca": str(garbage)},
+        "auth": {"tokens_file": str(tokens.path)},
+    })
+    result = airgate("check", "--config", str(config))
+    assert result.returncode == 1
+    assert "cannot load listen.cert" in result.stderr
+    assert "listen.client_ca" in result.stderr and "cannot be loaded" in result.stderr
+
+
+def test_check_warns_about_placeholder_and_empty_secret_files(
+        tmp_path: Path, tls: TLSFiles, tokens: Tokens) -> None:
+    key, hf_token = tmp_path / "vllm-api-key", tmp_path / "hf-token"
+    key.write_text("xxxx\n")  # the guide's `--env VLLM_API_KEY=xxxx`, as import-nginx wrote it
+    hf_token.write_text("")
+    config = write_config(tmp_path / "airgate.toml", {
+        "listen": {"https": "127.0.0.1:8443", "cert": str(tls.cert_pem), "key": str(tls.cert_pem)},
+        "auth": {"tokens_file": str(tokens.path)},
+        "upstream": {"api_key_file": str(key)},
+        "launcher": {"api_key_file": str(key), "hf_token_file": str(hf_token)},
+    })
+    result = airgate("check", "--config", str(config))
+    assert result.returncode == 0, result.stderr  # warnings do not fail the check
+    assert "is valid" in result.stderr
+    assert (f"airgate: warning: upstream.api_key_file and launcher.api_key_file: the file "
+            f"'{key}' still holds a placeholder") in result.stderr
+    assert "replace its content with the key vLLM requires" in result.stderr
+    assert f"airgate: warning: launcher.hf_token_file: the file '{hf_token}' is empty: write " \
+           "your Hugging Face token into it" in result.stderr
+
+    key.write_text("a-real-key-4f9c2a7e1b3d5f60718293a4\n")
+    hf_token.write_text("hf_aBcDeFgHiJkLmNoPqRsTuVwXyZ012345\n")
+    result = airgate("check", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert "warning" not in result.stderr
+
+
 def test_token_new_prints_once_and_stores_only_the_digest(tmp_path: Path) -> None:
     path = tmp_path / "tokens"
     result = airgate("token", "new", "kibana", "--file", str(path))

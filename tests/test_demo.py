@@ -23,9 +23,9 @@ def demo() -> Iterator[str]:
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert process.stdout is not None
     lines: list[str] = []
-    for line in process.stdout:  # ends with the metrics hint, printed once listening
+    for line in process.stdout:  # printed once listening; "Press Ctrl-C to stop." comes last
         lines.append(line)
-        if line.startswith("Access log:"):
+        if line.startswith("Press Ctrl-C to stop."):
             break
     yield "".join(lines)
     process.send_signal(signal.SIGINT)
@@ -56,3 +56,10 @@ def test_demo_prints_commands_that_work(demo: str) -> None:
     scraped = subprocess.run(["curl", "-sS", metrics_url.group(1)], capture_output=True,
                              text=True, timeout=30, check=True)
     assert "airgate_" in scraped.stdout
+
+
+def test_press_ctrl_c_is_the_last_line(demo: str) -> None:
+    lines = [line for line in demo.splitlines() if line.strip()]
+    assert lines[-1] == "Press Ctrl-C to stop."
+    assert lines[-3].startswith("Metrics (Prometheus): curl http://127.0.0.1:")
+    assert lines[-2].startswith("Access log: below")

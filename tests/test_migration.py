@@ -168,6 +168,19 @@ def test_import_keeps_the_seeds_decisions_and_prints_no_secret(tmp_path: Path,
     assert SEED_TOKEN not in written
 
 
+def test_check_warns_that_the_seeds_secrets_are_placeholders(tmp_path: Path) -> None:
+    """The seeds' `--env ...=xxxx` lands in the secret files; `airgate check` passes but says
+    which files still hold the placeholder."""
+    migrated = import_seed(tmp_path, "seed001-docker-run.sh")
+    check = airgate("check", "--config", str(migrated.config), cwd=tmp_path, env=clean_env())
+    assert check.returncode == 0, check.stderr
+    for keys, name in (("upstream.api_key_file and launcher.api_key_file", "vllm-api-key"),
+                       ("launcher.hf_token_file", "hf-token")):
+        assert (f"airgate: warning: {keys}: the file '{tmp_path / name}' still holds a "
+                "placeholder") in check.stderr
+    assert "is valid" in check.stderr
+
+
 # --------------------------------------------------------------------------- behaves like Nginx
 
 

@@ -175,7 +175,8 @@ def test_second_seed_docker_command(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert launcher.preset == "mistral"
     assert (launcher.gpus, launcher.tensor_parallel_size) == ("all", 2)
     assert launcher.extra_args == ()
-    assert "docker rm -f Mistral-Small-3.2-24B" in err
+    assert "run `docker rm -f Mistral-Small-3.2-24B` before `airgate run`" in err
+    assert "stop `docker rm" not in err
     assert "--model: warning" not in err
     assert "xxxx" not in out + err
 
@@ -188,6 +189,18 @@ def test_without_docker_command_there_is_no_launcher_section(
     settings = load(tmp_path, out)
     assert settings.upstream.api_key_file == ""
     assert not (tmp_path / "vllm-api-key").exists()
+    # The defaults `airgate run` would start are said on standard error, never in the config.
+    assert "note: no --docker-command, so [launcher] keeps its defaults" in err
+    assert f"model {settings.launcher.model}" in err and "tensor_parallel_size 1" in err
+    assert "before `airgate run`, import again with --docker-command FILE" in err
+    assert "keeps its defaults" not in out
+
+
+def test_with_docker_command_no_launcher_defaults_note(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    status, _, err = run_import(tmp_path, SEED_NGINX, SEED001_DOCKER, capsys)
+    assert status == 0, err
+    assert "keeps its defaults" not in err
 
 
 def test_output_carries_comments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -227,6 +240,36 @@ def test_secret_file_written_by_hand_is_kept(
     assert mode(tmp_path / "hf-token") == 0o600
     assert "already holds a different value; kept it" in err
     assert "hf_real_value" not in err
+
+
+def test_kept_secret_file_gets_no_placeholder_warning(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A second import, after the operator wrote the real vLLM key: the file is kept, and the
+    guide's `xxxx` (never written) is not warned about; hf-token (still written) is."""
+    run_import(tmp_path, SEED_NGINX, SEED001_DOCKER, capsys)
+    (tmp_path / "vllm-api-key").write_text("real-vllm-key-0123456789")
+    status, _, err = run_import(tmp_path, SEED_NGINX, SEED001_DOCKER, capsys)
+    assert status == 0, err
+    assert (tmp_path / "vllm-api-key").read_text() == "real-vllm-key-0123456789"
+    assert "vllm-api-key already holds a different value; kept it" in err
+    assert "VLLM_API_KEY looks like the guide's placeholder" not in err
+    assert "HUGGING_FACE_HUB_TOKEN looks like the guide's placeholder; it was written to " \
+           "hf-token anyway" in err
+    assert "real-vllm-key-0123456789" not in err
+
+
+def test_placeholder_key_in_nginx_is_warned_about(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    site = tmp_path / "site.conf"
+    site.write_text(SEED_NGINX.read_text().replace(
+        "proxy_pass http://localhost:8000/;",
+        'proxy_pass http://localhost:8000/;\n        proxy_set_header Authorization '
+        '"Bearer xxxx";'))
+    status, _, err = run_import(tmp_path, site, None, capsys)
+    assert status == 0, err
+    assert (tmp_path / "vllm-api-key").read_text() == "xxxx"
+    assert "site.conf:19: proxy_set_header Authorization: warning: its Bearer key looks like " \
+           "the guide's placeholder; it was written to vllm-api-key anyway" in err
 
 
 # --------------------------------------------------------------------------- variants

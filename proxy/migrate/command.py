@@ -23,7 +23,7 @@ from proxy.migrate.toml_out import (
     server_section,
     upstream_section,
 )
-from proxy.settings import parse_hostport
+from proxy.settings import LauncherSettings, parse_hostport
 
 
 def upstream_port(url: str) -> int:
@@ -78,6 +78,17 @@ def run_import(args: argparse.Namespace, findings: Findings) -> tuple[str, str]:
     return render_config(args.file, docker, sections), summary
 
 
+def launcher_defaults_note() -> str:
+    """Said when there is no docker command: `airgate run` would start vLLM from the defaults."""
+    defaults = LauncherSettings()
+    return ("note: no --docker-command, so [launcher] keeps its defaults (runtime "
+            f"{defaults.runtime}, image {defaults.image}, model {defaults.model}, gpus "
+            f"{defaults.gpus}, tensor_parallel_size {defaults.tensor_parallel_size}), not "
+            "necessarily your vLLM: before `airgate run`, import again with --docker-command FILE "
+            "holding the guide's `docker run` line, or add a [launcher] section with your "
+            "values")
+
+
 def import_main(args: argparse.Namespace) -> int:
     findings = Findings()
     try:
@@ -92,5 +103,7 @@ def import_main(args: argparse.Namespace) -> int:
     sys.stdout.write(config)
     for item in findings.in_input_order():
         print(item.render(), file=sys.stderr)
+    if args.docker_command is None:
+        print(f"airgate import-nginx: {launcher_defaults_note()}", file=sys.stderr)
     print(f"airgate import-nginx: {summary}", file=sys.stderr)
     return 0

@@ -124,9 +124,10 @@ class DockerTranslator:
         # Not carried over: the launcher owns its container (airgate-vllm) and replaces it on
         # restart; reusing the old name would make it replace the operator's running container.
         valid = value[:1].isalnum() and all(char.isalnum() or char in "_.-" for char in value)
-        old = f"`docker rm -f {value}`" if valid else "the old container"
+        remove = f"run `docker rm -f {value}`" if valid else \
+            "remove the old container (`docker ps` lists it)"
         self.findings.skipped(self.at(word), "--name", f"the launcher names its container "
-                              f"[launcher] container_name (airgate-vllm); stop {old} before "
+                              f"[launcher] container_name (airgate-vllm); {remove} before "
                               "`airgate run`: it holds the GPUs and port 8000")
 
     def _gpus(self, word: Word, value: str) -> None:
@@ -183,11 +184,9 @@ class DockerTranslator:
                                   "given")
             return
         value = self._secret_value(word, origin, variable, file_name, given)
-        if value is not None and looks_like_placeholder(value):
-            self.findings.warn(self.at(word), origin, f"{variable} looks like the guide's "
-                               f"placeholder; it was written to {file_name} anyway: replace "
-                               "the file's content with the real value")
-        self.plan.secrets[file_name] = Secret(file_name, value, self.at(word), origin)
+        # Whether it looks like the guide's placeholder is said when the file is written (a
+        # file that already holds a value is kept, and then the placeholder is not written).
+        self.plan.secrets[file_name] = Secret(file_name, value, self.at(word), origin, variable)
 
     def _secret_value(self, word: Word, origin: str, variable: str, file_name: str,
                       given: str | None) -> str | None:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from proxy.migrate.common import ImportFailure
-from proxy.migrate.findings import Findings
+from proxy.migrate.findings import Findings, looks_like_placeholder
 from proxy.migrate.models import Secret, TokenLine
 from proxy.migrate.nginx_nodes import token_name
 from proxy.tokens import TokenFileError, TokenStore, digest
@@ -73,3 +73,7 @@ def write_secret_file(path: Path, secret: Secret, findings: Findings) -> None:
     fd = open_private(path, os.O_TRUNC)
     with os.fdopen(fd, "w") as handle:
         handle.write(secret.value)
+    if looks_like_placeholder(secret.value):
+        findings.warn(secret.where, secret.origin, f"{secret.label or secret.origin} looks like "
+                      f"the guide's placeholder; it was written to {path.name} anyway: replace "
+                      "the file's content with the real value")

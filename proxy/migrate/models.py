@@ -25,6 +25,7 @@ class Secret:
     value: str | None
     where: str
     origin: str
+    label: str = ""  # how the source named it (`HF_TOKEN`, `--api-key`); origin when empty
 
 
 @dataclass

@@ -374,7 +374,7 @@ class NginxTranslator(NginxTokenCheck):
                 args[1].lower().startswith("bearer ") and "$" not in args[1]:
             secret = args[1][len("bearer "):].strip()
             self.site.upstream_key = Secret(VLLM_KEY_FILE, secret, self.at(node),
-                                            "proxy_set_header Authorization")
+                                            "proxy_set_header Authorization", "its Bearer key")
             self.site.why["api_key_file"] = f"the vLLM key Nginx added (line {node['line']})"
             return
         self.skip(node)
