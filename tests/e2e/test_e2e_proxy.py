@@ -109,7 +109,11 @@ def test_stream_arrives_as_a_stream(airgate: Airgate, vllm: Vllm) -> None:
         assert proxied.status == 200 and proxied.done
         # Same seed, same text: nothing lost, nothing added on the way.
         assert proxied.text == direct.text
-        assert len(proxied.events) == len(direct.events) or len(proxied.events) == max_tokens + 1
+        # One event per token, except where vLLM itself falls behind and merges a few tokens
+        # into one event (seen on direct and proxied runs alike: 1,501 vs 1,498 events with
+        # the same text). A proxy that re-buffered the stream would merge far more.
+        assert len(proxied.events) >= 0.95 * (max_tokens + 1), (len(proxied.events),
+                                                                len(direct.events))
         attempts.append((direct.times[0], _spread(direct.times), proxied.times[0],
                          _spread(proxied.times)))
         if proxied.times[0] < 0.5 and _spread(proxied.times) > 0.1:
