@@ -126,6 +126,10 @@ def check_response(data: bytes) -> None:
     if not data:
         return  # closing without an answer is allowed (e.g. an incomplete head timed out)
     assert data.startswith(b"HTTP/1.1 "), data[:200]
+    # An `Expect: 100-continue` request gets the interim 100 first; the final answer follows.
+    interim = b"HTTP/1.1 100 Continue\r\n\r\n"
+    if data.startswith(interim) and len(data) > len(interim):
+        data = data[len(interim):]
     response = _Response()
     parser = httptools.HttpResponseParser(response)
     parser.feed_data(data)  # raises on a malformed response
