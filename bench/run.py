@@ -63,6 +63,16 @@ def profile(bench: scenarios.Bench, profiler: Path | str) -> list[str]:
     return [*_perf_split(airgate, seconds), "", *_py_spy(airgate, seconds, profiler)]
 
 
+def _record_under_load(airgate: Contender, seconds: int, recorder: list[str]) -> tuple[int, bytes]:
+    """Run a profiler for `seconds` while wrk saturates airgate; (exit status, its stderr)."""
+    record = subprocess.Popen(recorder, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    load = threading.Thread(target=clients.wrk, args=(airgate, Knobs(), 1, 16, seconds + 1))
+    load.start()
+    _, err = record.communicate(timeout=seconds + 60)
+    load.join()
+    return record.returncode, err
+
+
 # perf's shared objects, grouped into what they are for a reader of the profile.
 DSO_KINDS = (("kernel", "kernel: system calls, TCP over loopback, wake-ups"),
              ("libpython", "Python interpreter running airgate's code"),
@@ -79,14 +89,9 @@ def _perf_split(airgate: Contender, seconds: int) -> list[str]:
         return ["perf is not available (apt-get install linux-perf): no split by kind."]
     data = WORK / "perf.data"
     data.unlink(missing_ok=True)
-    record = subprocess.Popen(
-        ["perf", "record", "-e", "cpu-clock", "-F", "499", "-o", str(data), "-p",
-         str(airgate.services[0].proc.pid), "--", "sleep", str(seconds)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    load = threading.Thread(target=clients.wrk, args=(airgate, Knobs(), 1, 16, seconds + 1))
-    load.start()
-    _, err = record.communicate(timeout=seconds + 60)
-    load.join()
+    _, err = _record_under_load(airgate, seconds, [
+        "perf", "record", "-e", "cpu-clock", "-F", "499", "-o", str(data), "-p",
+        str(airgate.services[0].proc.pid), "--", "sleep", str(seconds)])
     report_out = subprocess.run(
         ["perf", "report", "-i", str(data), "--no-children", "--sort", "dso", "--stdio"],
         capture_output=True, text=True, check=False).stdout
@@ -113,15 +118,11 @@ def _py_spy(airgate: Contender, seconds: int, profiler: Path | str) -> list[str]
         return [f"no profiler: {profiler}"]
     out = WORK / "profile.txt"
     out.unlink(missing_ok=True)
-    spy = subprocess.Popen([str(profiler / "py-spy"), "record", "--pid",
-                            str(airgate.services[0].proc.pid), "--duration", str(seconds),
-                            "--rate", "200", "--nonblocking", "--format", "raw", "--output",
-                            str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    load = threading.Thread(target=clients.wrk, args=(airgate, Knobs(), 1, 16, seconds + 1))
-    load.start()
-    _, err = spy.communicate(timeout=seconds + 60)
-    load.join()
-    if spy.returncode != 0 or not out.exists():
+    code, err = _record_under_load(airgate, seconds, [
+        str(profiler / "py-spy"), "record", "--pid", str(airgate.services[0].proc.pid),
+        "--duration", str(seconds), "--rate", "200", "--nonblocking", "--format", "raw",
+        "--output", str(out)])
+    if code != 0 or not out.exists():
         return [f"py-spy could not sample airgate: {err.decode(errors='replace').strip()[-300:]}"]
     leaf: collections.Counter[str] = collections.Counter()
     inclusive: collections.Counter[str] = collections.Counter()

@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import ssl
 import sys
 
 from proxy.migrate.findings import looks_like_placeholder
-from proxy.settings import ConfigError, ListenSettings, Settings, load_settings, masked
-from proxy.tls import TLSConfigError, build_server_context
+from proxy.settings import ConfigError, Settings, load_settings, masked
+from proxy.tls import tls_problems
 from proxy.tokens import TokenFileError, TokenStore
 
 
@@ -28,55 +27,19 @@ def _readable(key: str, path: str) -> str | None:
     return None
 
 
-def _unreadable_pem(label: str, path: str) -> str | None:
-    try:
-        with open(path, "rb"):
-            pass
-    except OSError as error:  # worded as proxy.tls words it at start-up
-        return (f"{label} = {path!r} cannot be read ({error.strerror}); point it at the PEM "
-                "file (e.g. Let's Encrypt's fullchain.pem / privkey.pem) and make it readable "
-                "by airgate")
-    return None
-
-
-def tls_problems(listen: ListenSettings) -> list[str]:
-    """Every problem with the listener's files, not only the first that start-up would stop
-    at: each unreadable file, a client CA that does not load, and (once both are readable) a
-    certificate and key that do not load or do not match."""
-    found = [problem for problem in (_unreadable_pem("listen.cert", listen.cert),
-                                     _unreadable_pem("listen.key", listen.key)) if problem]
-    if not found:
-        try:
-            build_server_context(listen.model_copy(update={"client_ca": ""}))
-        except TLSConfigError as error:
-            found.append(str(error))
-    if listen.client_ca:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        try:
-            context.load_verify_locations(cafile=listen.client_ca)
-        except (OSError, ssl.SSLError) as error:
-            found.append(f"listen.client_ca {listen.client_ca!r} cannot be loaded: {error}; "
-                         "give a PEM bundle of the CA that signs client certificates")
-    return found
-
-
-def secret_files(settings: Settings) -> list[tuple[str, str]]:
+def secret_files(settings: Settings) -> list[tuple[str, str, tuple[str, str]]]:
+    """(key, path, (what belongs in the file, the other way out)) per secret file setting."""
     return [
-        ("upstream.api_key_file", settings.upstream.api_key_file),
-        ("metrics.token_file", settings.metrics.token_file),
-        ("launcher.api_key_file", settings.launcher.api_key_file),
-        ("launcher.hf_token_file", settings.launcher.hf_token_file),
+        ("upstream.api_key_file", settings.upstream.api_key_file,
+         ("the key vLLM requires (VLLM_API_KEY)", "")),
+        ("metrics.token_file", settings.metrics.token_file,
+         ("the token Prometheus is to send", "")),
+        ("launcher.api_key_file", settings.launcher.api_key_file,
+         ("the key vLLM is to require (VLLM_API_KEY)", "")),
+        ("launcher.hf_token_file", settings.launcher.hf_token_file,
+         ("your Hugging Face token",
+          ", or set launcher.hf_token_file = \"\" for a model that needs none")),
     ]
-
-
-# What belongs in each secret file (and the other way out), for the warnings below.
-SECRET_FIXES = {
-    "upstream.api_key_file": ("the key vLLM requires (VLLM_API_KEY)", ""),
-    "launcher.api_key_file": ("the key vLLM is to require (VLLM_API_KEY)", ""),
-    "launcher.hf_token_file": ("your Hugging Face token", ", or set launcher.hf_token_file = "
-                               "\"\" for a model that needs none"),
-    "metrics.token_file": ("the token Prometheus is to send", ""),
-}
 
 
 def secret_warnings(settings: Settings) -> list[str]:
@@ -84,9 +47,11 @@ def secret_warnings(settings: Settings) -> list[str]:
     or still the guide's placeholder (`xxxx`, `<secret token>`: what `airgate import-nginx`
     warns about). Never shows a file's content."""
     keys_by_path: dict[str, list[str]] = {}
-    for key, path in secret_files(settings):
+    fix_by_path: dict[str, tuple[str, str]] = {}
+    for key, path, fix in secret_files(settings):
         if path:
             keys_by_path.setdefault(path, []).append(key)
+            fix_by_path.setdefault(path, fix)
     found: list[str] = []
     for path, keys in keys_by_path.items():
         try:
@@ -94,8 +59,7 @@ def secret_warnings(settings: Settings) -> list[str]:
                 value = handle.read().strip()
         except (OSError, UnicodeDecodeError):
             continue  # unreadable: a problem, reported by problems()
-        names = " and ".join(keys)
-        what, other = SECRET_FIXES[keys[0]]
+        names, (what, other) = " and ".join(keys), fix_by_path[path]
         if not value:
             found.append(f"{names}: the file {path!r} is empty: write {what} into it{other}")
         elif looks_like_placeholder(value):
@@ -112,7 +76,7 @@ def problems(settings: Settings) -> list[str]:
         TokenStore.load(settings.auth.tokens_file)
     except TokenFileError as error:
         found.append(f"auth.tokens_file: {error}")
-    for key, path in secret_files(settings):
+    for key, path, _ in secret_files(settings):
         problem = _readable(key, path)
         if problem:
             found.append(problem)

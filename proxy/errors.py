@@ -96,4 +96,4 @@ def normalise_upstream_error(status: int, body: bytes, request_id: str, keep_ali
         separators=(",", ":"),
     ).encode()
     return response_bytes(status, payload, keep_alive=keep_alive,
-                                 extra_headers=(("X-Request-Id", request_id),))
+                          extra_headers=(("X-Request-Id", request_id),))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import shutil
@@ -30,6 +29,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import systemd
+from proxy.lifeline import die_with_parent
 from proxy.settings import Settings
 
 log = logging.getLogger("airgate.workers")
@@ -151,12 +151,13 @@ def run_workers(settings: Settings,
     inherited = systemd.listen_sockets()  # read once here: the workers inherit the sockets
     children: dict[int, int] = {}
 
-    parent_pid = os.getpid()
+    lifeline = die_with_parent()  # a worker whose parent is killed drains and exits
 
     def spawn(index: int) -> None:
         pid = os.fork()
         if pid == 0:  # the worker
-            _die_with_parent(parent_pid)
+            if lifeline is not None:
+                lifeline()
             os.close(ready_read)
             os.environ[WORKER_ENV] = f"{index}:{ready_write}"
             code = 1
@@ -173,19 +174,6 @@ def run_workers(settings: Settings,
     # The parent keeps systemd's sockets open (it never accepts on them) so that a worker it
     # starts again inherits them too.
     return asyncio.run(_parent(settings, runtime_dir, ready_read, children, spawn, parent_task))
-
-
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """A worker whose parent is killed (SIGKILL, the OOM killer) drains and exits instead of
-    serving on unsupervised, holding the port against the next start."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(1)
 
 
 async def _parent(settings: Settings, runtime_dir: Path, ready_fd: int,

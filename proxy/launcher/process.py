@@ -8,32 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
 import signal
-import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from proxy.launcher.command import LaunchCommand
 from proxy.launcher.runtime import Child, Existing, ExitInfo, Runtime, StartFailed, read_lines
-
-
-def _die_with_parent() -> Callable[[], None] | None:
-    """A preexec function that makes the kernel SIGTERM the child when airgate dies, so that
-    even a SIGKILLed airgate leaves no vLLM behind holding the GPUs and the port."""
-    if not sys.platform.startswith("linux"):
-        return None
-    libc = ctypes.CDLL(None, use_errno=True)  # loaded before fork: no imports in the child
-    parent = os.getpid()
-    pr_set_pdeathsig = 1
-
-    def preexec() -> None:
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
-        if os.getppid() != parent:  # airgate died between fork and prctl
-            os._exit(1)
-
-    return preexec
+from proxy.lifeline import die_with_parent
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
@@ -160,7 +142,7 @@ class ProcessRuntime(Runtime):
             proc = await asyncio.create_subprocess_exec(
                 *cmd.argv, env=env, stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-                start_new_session=True, preexec_fn=_die_with_parent())
+                start_new_session=True, preexec_fn=die_with_parent())
         except OSError as error:
             raise StartFailed(127, [f"{cmd.argv[0]}: {error.strerror}"]) from error
         return ProcessChild(proc)
