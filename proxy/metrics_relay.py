@@ -58,9 +58,12 @@ class VllmRelay:
     async def _fetch(self) -> bool:
         if self._session is None or self._session.closed:
             # Our own session: a total timeout is what we want here (unlike the proxy's
-            # forwarding, nothing here may take long).
+            # forwarding, nothing here may take long). A new connection per fetch: vLLM closes
+            # idle keep-alive connections after 5 s, about a scrape interval, and a GET sent
+            # into one it is closing fails; a loopback connect per scrape costs nothing.
             self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self.timeout))
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+                connector=aiohttp.TCPConnector(force_close=True))
         try:
             async with self._session.get(self.url, headers={"Accept": "text/plain"}) as response:
                 if response.status != 200:

@@ -23,7 +23,7 @@ from proxy.exchange import Exchange
 from proxy.launcher.status import LauncherStatus, write_state_file
 from proxy.metrics import MAX_MODELS, ProxyCollector, ProxyMetrics
 from proxy.metrics_launcher import GpuCollector, LauncherCollector, state_file_source
-from proxy.metrics_relay import vllm_families
+from proxy.metrics_relay import VllmRelay, vllm_families
 from proxy.observability import Observability, build_observability
 from proxy.server import ProxyServer
 from proxy.simulator import RunningSimulator
@@ -486,6 +486,22 @@ async def test_relay_keeps_vllm_families_byte_for_byte() -> None:
         b"# TYPE vllm:num_requests_running gauge\n"
         b'vllm:num_requests_running{model_name="m",engine="0"} 3.0\n')
     assert vllm_families(b"") == b""
+
+
+async def test_relay_never_reuses_a_connection_vllm_may_be_closing(
+    simulator: RunningSimulator,
+) -> None:
+    # vLLM drops idle keep-alive connections after 5 s, about a scrape interval: a GET sent
+    # into one it is closing fails, and that scrape would lose every vllm: family.
+    relay = VllmRelay(simulator.url, timeout=5)
+    try:
+        before = simulator.stats.connections_total
+        for _ in range(3):
+            assert await relay.fetch()
+            assert b"vllm:" in relay.text
+        assert simulator.stats.connections_total - before == 3
+    finally:
+        await relay.close()
 
 
 async def test_host_metrics_off_for_all_workers_but_one(
